@@ -1,0 +1,793 @@
+"""Pure-torch Mamba2 mixer: a drop-in for megatron-core's ``MambaMixer`` that runs on a CPU.
+
+Data flow of one mixer (Mamba2 paper, Dao & Gu 2024, "SSD"):
+
+    zxBCdt = in_proj(u)                                  rows per TP rank: [z_r | x_r | B_r | C_r | dt_r]
+    xBC    = silu(causal_depthwise_conv1d(xBC))          channels [x_r | B_r | C_r]
+    dt     = softplus(dt + dt_bias);  A = -exp(A_log)
+    h_t    = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T        (per head; B_t, C_t shared by a group of heads)
+    y_t    = h_t C_t + D x_t
+    y      = rmsnorm_grouped(y * silu(z)) * norm.weight  (gate BEFORE normalising: mamba_ssm's
+                                                          norm_before_gate=False, megatron's default)
+    out    = out_proj(y)
+
+Shape legend: b batch, l/s sequence positions, h heads, p head_dim, g groups, n state_dim, c chunks,
+T chunk length, conv_dim = d_inner + 2 g n (local to the TP rank unless said otherwise).
+
+Public API
+----------
+Scan kernels (fp32 math, inputs ``x [b,l,h,p]``, ``dt [b,l,h]`` already softplus'ed, ``A [h]``
+negative, ``B, C [b,l,g,n]``; both return ``(y [b,l,h,p], final_state [b,h,p,n])``):
+  - ``ssd_scan_reference(x, dt, A, B, C, D=None, initial_state=None)``: the sequential recurrence.
+  - ``ssd_scan_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None)``: ssd_minimal's
+    chunked state-passing algorithm; pads ``l`` up to a multiple of ``chunk_size``.
+  - ``ssd_step(x, dt, A, B, C, state)`` one recurrence step (``x [b,h,p]`` ...) -> ``(y, state)``.
+Conv and norm: ``causal_depthwise_conv1d``, ``conv_step``, ``gated_rms_norm``, ``GatedRMSNorm``.
+TP layout: ``Mamba2Sizes``, ``full_to_local_in_proj``/``local_to_full_in_proj``,
+``full_to_local_conv``/``local_to_full_conv`` and the generic ``full_to_local``/``local_to_full``.
+Init: ``init_full_parameters(sizes, d_model, ...)`` -> the full (TP=1) tensors every rank slices.
+Module: ``Mamba2MixerSubmodules(in_proj, out_proj)`` and ``Mamba2Mixer`` with
+  - ``forward(hidden_states [s,b,d], inference_context=None, *, packed_seq_params=None)``
+    -> ``(out [s,b,d], out_bias or None)`` like MambaMixer (static inference contexts supported);
+  - ``allocate_inference_state(batch, device=None, conv_dtype=None, ssm_dtype=torch.float32)``
+    -> ``(conv_state [b, conv_dim, d_conv], ssm_state [b, h_local, p, n])`` zeros;
+  - ``forward_with_state(hidden_states [s,b,d], conv_state=None, ssm_state=None)``
+    -> ``(out [s,b,d], conv_state, ssm_state)``: prefill (or continue from given states);
+  - ``step(hidden_states [1,b,d] or [b,d], conv_state, ssm_state)`` -> ``(out, conv_state, ssm_state)``:
+    one decoding token. Both inference entry points return NEW state tensors (inputs are not
+    modified, so a prefix state can be copied to many continuations) and fold the out_proj bias
+    (if any) into ``out``. The conv state holds the last ``d_conv`` raw (pre-conv) xBC inputs,
+    newest last, zero-padded, exactly as megatron's MambaMixer stores it.
+
+On CUDA, when ``causal_conv1d`` and ``mamba_ssm`` import, the full-sequence path uses their kernels
+(``causal_conv1d_fn``, ``mamba_chunk_scan_combined``); everything else is plain torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass, replace
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+
+DEFAULT_INIT_SEED = 1234
+NORM_EPS = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# SSD scan: reference recurrence and chunked algorithm
+# ----------------------------------------------------------------------------------------------
+
+
+def _heads_per_group(h: int, g: int) -> int:
+    assert h % g == 0, (h, g)  # validated by the mixer; internal invariant here
+    return h // g
+
+
+def ssd_step(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    state: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One step of the SSM recurrence (fp32).
+
+    x [b,h,p], dt [b,h] (positive), A [h] (negative), B, C [b,g,n], state [b,h,p,n].
+    Returns y [b,h,p] (without the D skip) and the new state.
+    """
+    h, g = x.shape[1], B.shape[1]
+    k = _heads_per_group(h, g)
+    x, dt, A, B, C, state = (t.float() for t in (x, dt, A, B, C, state))
+    Bh = B.repeat_interleave(k, dim=1)  # [b,h,n]; head i reads group i // k
+    Ch = C.repeat_interleave(k, dim=1)
+    decay = torch.exp(dt * A)  # [b,h]
+    state = state * decay[:, :, None, None] + (dt[:, :, None] * x)[..., None] * Bh[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, Ch)
+    return y, state
+
+
+def ssd_scan_reference(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    D: Optional[torch.Tensor] = None, initial_state: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Obviously-right sequential recurrence, a loop over time in fp32. Slow; for tests."""
+    b, L, h, p = x.shape
+    n = B.shape[-1]
+    state = (
+        torch.zeros(b, h, p, n, dtype=torch.float32, device=x.device)
+        if initial_state is None else initial_state.float()
+    )
+    ys = []
+    for t in range(L):
+        y_t, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
+        ys.append(y_t)
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, h, p, dtype=torch.float32)
+    if D is not None:
+        y = y + x.float() * D.float()[:, None]
+    return y.to(x.dtype), state
+
+
+def segsum(a: torch.Tensor) -> torch.Tensor:
+    """Stable segment sum: ``out[..., i, j] = sum_{k=j+1..i} a[..., k]`` for i >= j, -inf above.
+
+    Computed by a masked cumsum rather than ``cumsum[i] - cumsum[j]`` so no large partial sums
+    cancel (ssd_minimal's ``segsum``).
+    """
+    T = a.size(-1)
+    a = a[..., None].expand(*a.shape, T)  # [..., k, j] = a_k
+    strictly_lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)
+    s = a.masked_fill(~strictly_lower, 0.0).cumsum(dim=-2)
+    lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=0)
+    return s.masked_fill(~lower, -math.inf)
+
+
+def ssd_scan_chunked(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+    chunk_size: int, D: Optional[torch.Tensor] = None,
+    initial_state: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Chunked state-passing SSD scan (Mamba2 paper, Listing 1 "ssd_minimal"), fp32 math.
+
+    1. intra-chunk outputs: quadratic (attention-like) form with decay mask exp(segsum);
+    2. per-chunk states: what each chunk's inputs add to the state at the chunk's end;
+    3. inter-chunk recurrence: states passed across chunks (small c x c decay matrix);
+    4. state-to-output: each position reads the state entering its chunk.
+    ``l`` not divisible by ``chunk_size`` is padded with dt = 0, which leaves the state unchanged
+    (decay exp(0) = 1, input dt x = 0), so the returned final state is the one at position l.
+    """
+    b, L, h, p = x.shape
+    g, n = B.shape[-2:]
+    k = _heads_per_group(h, g)
+    T = chunk_size
+    out_dtype = x.dtype
+    x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
+    pad = (-L) % T
+    if pad:
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    c = x.shape[1] // T
+    X = (x * dt[..., None]).reshape(b, c, T, g, k, p)  # inputs already scaled by dt
+    Bc = B.reshape(b, c, T, g, n)
+    Cc = C.reshape(b, c, T, g, n)
+    a = (dt * A).reshape(b, c, T, h).permute(0, 3, 1, 2)  # [b,h,c,T] log-decay per step
+    a_cum = a.cumsum(dim=-1)
+
+    # 1. intra-chunk (diagonal blocks): y_l = sum_{s<=l} (C_l . B_s) exp(a_{s+1..l}) X_s
+    decay = torch.exp(segsum(a)).permute(0, 2, 1, 3, 4).reshape(b, c, g, k, T, T)  # [.., l, s]
+    CB = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
+    scores = CB[:, :, :, None] * decay  # [b,c,g,k,l,s]
+    y_diag = torch.einsum("bcgkls,bcsgkp->bclgkp", scores, X)
+
+    # 2. chunk states: S_c = sum_s exp(a_{s+1..T}) X_s B_s^T
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum).permute(0, 2, 3, 1)  # [b,c,T,h]
+    Xd = X * decay_to_end.reshape(b, c, T, g, k, 1)
+    states = torch.einsum("bcsgkp,bcsgn->bcgkpn", Xd, Bc).reshape(b, c, h, p, n)
+
+    # 3. inter-chunk recurrence over chunk boundaries (prepend the initial state as chunk "-1")
+    if initial_state is None:
+        initial_state = torch.zeros(b, h, p, n, dtype=torch.float32, device=x.device)
+    states = torch.cat([initial_state.float()[:, None], states], dim=1)  # [b,c+1,h,p,n]
+    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # [b,h,c+1,c+1]
+    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    states, final_state = states[:, :-1], states[:, -1]  # state entering each chunk; final
+
+    # 4. off-diagonal contribution: y_l += exp(a_{1..l}) C_l . S_in
+    decay_from_start = torch.exp(a_cum).permute(0, 2, 3, 1).reshape(b, c, T, g, k, 1)
+    y_off = torch.einsum("bclgn,bcgkpn->bclgkp", Cc, states.reshape(b, c, g, k, p, n))
+    y = (y_diag + y_off * decay_from_start).reshape(b, c * T, h, p)[:, :L]
+    if D is not None:
+        y = y + x[:, :L] * D.float()[:, None]
+    return y.to(out_dtype), final_state
+
+
+# ----------------------------------------------------------------------------------------------
+# Causal depthwise conv and gated RMSNorm
+# ----------------------------------------------------------------------------------------------
+
+
+def causal_depthwise_conv1d(
+    xBC: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    conv_state: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv (no activation) over ``xBC [b, conv_dim, l]``.
+
+    ``weight [conv_dim, 1, d_conv]``; ``conv_state [b, conv_dim, d_conv]`` holds the previous
+    d_conv raw inputs (newest last; zeros = start of sequence). Returns ``(out [b,conv_dim,l],
+    new_conv_state)`` where the new state is the last d_conv raw inputs.
+    """
+    d_conv = weight.shape[-1]
+    if conv_state is None:
+        history = xBC.new_zeros(xBC.shape[0], xBC.shape[1], d_conv)
+    else:
+        history = conv_state.to(xBC.dtype)
+    full = torch.cat([history, xBC], dim=-1)  # [b, conv_dim, d_conv + l]
+    out = F.conv1d(full[..., 1:], weight.to(xBC.dtype), None if bias is None else bias.to(xBC.dtype),
+                   groups=xBC.shape[1])
+    return out, full[..., -d_conv:].clone()
+
+
+def conv_step(
+    xBC: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], conv_state: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One token of the causal conv: ``xBC [b, conv_dim]`` -> ``(out [b, conv_dim], new_state)``."""
+    state = torch.cat([conv_state[..., 1:], xBC[..., None].to(conv_state.dtype)], dim=-1)
+    out = (state * weight[:, 0, :].to(state.dtype)).sum(dim=-1)
+    if bias is not None:
+        out = out + bias.to(out.dtype)
+    return out, state
+
+
+def gated_rms_norm(
+    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group_size: int, eps: float = NORM_EPS
+) -> torch.Tensor:
+    """``rmsnorm_grouped(y * silu(z)) * weight``, RMS taken over consecutive groups of
+    ``group_size`` channels of the last dim (mamba_ssm RMSNormGated, norm_before_gate=False).
+    Math in fp32, result in y's dtype."""
+    shape = y.shape
+    gated = y.float() * F.silu(z.float())
+    gated = gated.reshape(*shape[:-1], shape[-1] // group_size, group_size)
+    normed = gated * torch.rsqrt(gated.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return (normed.reshape(shape) * weight.float()).to(y.dtype)
+
+
+class GatedRMSNorm(nn.Module):
+    """Grouped, gated RMSNorm holding megatron's ``norm.weight`` (TP-sharded along dim 0)."""
+
+    def __init__(self, hidden_size: int, group_size: int, eps: float = NORM_EPS, dtype=None,
+                 device=None):
+        super().__init__()
+        self.group_size = group_size
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
+        self.tp_group = None
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return gated_rms_norm(y, z, self.weight, self.group_size, self.eps)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Weight sharded along axis 0 across TP, like megatron's ExtendedRMSNorm."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"],
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# TP layout: every component is split evenly across ranks; a rank holds its slice of each
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mamba2Sizes:
+    """Global (TP=1) sizes of one mixer."""
+
+    nheads: int
+    head_dim: int
+    ngroups: int
+    d_state: int
+
+    @property
+    def d_inner(self) -> int:
+        return self.nheads * self.head_dim
+
+    def in_proj_sections(self) -> List[int]:
+        """Rows of the full in_proj weight: z | x | B | C | dt."""
+        gn = self.ngroups * self.d_state
+        return [self.d_inner, self.d_inner, gn, gn, self.nheads]
+
+    def conv_sections(self) -> List[int]:
+        """Channels of the full conv1d: x | B | C."""
+        gn = self.ngroups * self.d_state
+        return [self.d_inner, gn, gn]
+
+
+def full_to_local(
+    tensor: torch.Tensor, tp_rank: int, tp_size: int, sections: Sequence[int], dim: int = 0
+) -> torch.Tensor:
+    """Rank ``tp_rank``'s slice: each full section split in ``tp_size`` equal pieces, concatenated."""
+    pieces = []
+    for part in torch.split(tensor, list(sections), dim=dim):
+        pieces.append(torch.chunk(part, tp_size, dim=dim)[tp_rank])
+    return torch.cat(pieces, dim=dim)
+
+
+def local_to_full(shards: Sequence[torch.Tensor], sections: Sequence[int], dim: int = 0) -> torch.Tensor:
+    """Inverse of ``full_to_local`` given all ranks' slices in rank order (merge per component,
+    never by concatenating rank shards)."""
+    tp_size = len(shards)
+    local_sections = [s // tp_size for s in sections]
+    per_rank = [torch.split(t, local_sections, dim=dim) for t in shards]
+    return torch.cat([per_rank[r][i] for i in range(len(sections)) for r in range(tp_size)], dim=dim)
+
+
+def full_to_local_in_proj(weight, tp_rank: int, tp_size: int, sizes: Mamba2Sizes) -> torch.Tensor:
+    return full_to_local(weight, tp_rank, tp_size, sizes.in_proj_sections())
+
+
+def local_to_full_in_proj(shards, sizes: Mamba2Sizes) -> torch.Tensor:
+    return local_to_full(shards, sizes.in_proj_sections())
+
+
+def full_to_local_conv(tensor, tp_rank: int, tp_size: int, sizes: Mamba2Sizes) -> torch.Tensor:
+    return full_to_local(tensor, tp_rank, tp_size, sizes.conv_sections())
+
+
+def local_to_full_conv(shards, sizes: Mamba2Sizes) -> torch.Tensor:
+    return local_to_full(shards, sizes.conv_sections())
+
+
+# ----------------------------------------------------------------------------------------------
+# Initialisation: full tensors from generators seeded by (seed, global layer, component)
+# ----------------------------------------------------------------------------------------------
+
+_COMPONENTS = ("in_proj", "out_proj", "conv_weight", "conv_bias", "dt", "A")
+
+
+def _component_seed(seed: int, layer_number: int, component: str) -> int:
+    """Independent stream per (run seed, global layer, component): init depends on neither the
+    TP size nor the PP stage nor what was drawn before."""
+    return (int(seed) * 1_000_003 + int(layer_number) * 1_009 + _COMPONENTS.index(component)) % (2**62)
+
+
+def _init_seed(config) -> int:
+    """The run's seed attached by the model builder as ``config.init_seed``, else 1234."""
+    seed = getattr(config, "init_seed", None)
+    return DEFAULT_INIT_SEED if seed is None else int(seed)
+
+
+def _with_cpu_seed(seed: int, init_fn: Callable[[torch.Tensor], object], tensor: torch.Tensor):
+    """Run a megatron ``init_method`` (which draws from the global CPU generator) on ``tensor``
+    with the generator temporarily reseeded; the caller's RNG state is restored after."""
+    state = torch.get_rng_state()
+    try:
+        torch.default_generator.manual_seed(seed)
+        init_fn(tensor)
+    finally:
+        torch.set_rng_state(state)
+    return tensor
+
+
+def init_full_parameters(
+    sizes: Mamba2Sizes, d_model: int, *, d_conv: int = 4, seed: int = DEFAULT_INIT_SEED,
+    layer_number: int = 1, init_method: Optional[Callable] = None,
+    output_layer_init_method: Optional[Callable] = None, conv_init: Optional[float] = None,
+    A_init_range=(1, 16), dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
+) -> dict:
+    """The full (TP=1) fp32 tensors of one mixer; each rank copies its slice.
+
+    Distributions follow megatron's MambaMixer: in_proj/out_proj by the config's init methods,
+    conv weight kaiming_uniform(a=sqrt 5) (= U(-1/sqrt(d_conv), 1/sqrt(d_conv))) or
+    U(-conv_init, conv_init), conv bias nn.Conv1d's default U(-1/sqrt(d_conv), ...), dt log-uniform
+    in [dt_min, dt_max] clamped at dt_init_floor with dt_bias = softplus^-1(dt), A ~ U(A_init_range).
+    """
+    default_init = functools.partial(nn.init.normal_, mean=0.0, std=0.02)
+    init_method = init_method or default_init
+    output_layer_init_method = output_layer_init_method or default_init
+
+    def gen(component):
+        return torch.Generator().manual_seed(_component_seed(seed, layer_number, component))
+
+    conv_dim = sum(sizes.conv_sections())
+    in_proj = _with_cpu_seed(_component_seed(seed, layer_number, "in_proj"), init_method,
+                             torch.empty(sum(sizes.in_proj_sections()), d_model))
+    out_proj = _with_cpu_seed(_component_seed(seed, layer_number, "out_proj"),
+                              output_layer_init_method, torch.empty(d_model, sizes.d_inner))
+    bound = conv_init if conv_init is not None else 1.0 / math.sqrt(d_conv)
+    conv_weight = torch.empty(conv_dim, 1, d_conv).uniform_(-bound, bound, generator=gen("conv_weight"))
+    bias_bound = 1.0 / math.sqrt(d_conv)
+    conv_bias = torch.empty(conv_dim).uniform_(-bias_bound, bias_bound, generator=gen("conv_bias"))
+    u = torch.rand(sizes.nheads, generator=gen("dt"))
+    dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=dt_init_floor)
+    dt_bias = dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+    A = torch.empty(sizes.nheads).uniform_(A_init_range[0], A_init_range[1], generator=gen("A"))
+    return {
+        "in_proj.weight": in_proj, "out_proj.weight": out_proj, "conv1d.weight": conv_weight,
+        "conv1d.bias": conv_bias, "dt_bias": dt_bias, "A_log": torch.log(A),
+        "D": torch.ones(sizes.nheads), "norm.weight": torch.ones(sizes.d_inner),
+    }
+
+
+def local_parameters(full: dict, tp_rank: int, tp_size: int, sizes: Mamba2Sizes) -> dict:
+    """Slice ``init_full_parameters``' output (or any full state dict of one mixer) for a rank."""
+    heads = [sizes.nheads]
+    return {
+        "in_proj.weight": full_to_local_in_proj(full["in_proj.weight"], tp_rank, tp_size, sizes),
+        "out_proj.weight": full_to_local(full["out_proj.weight"], tp_rank, tp_size, [sizes.d_inner], dim=1),
+        "conv1d.weight": full_to_local_conv(full["conv1d.weight"], tp_rank, tp_size, sizes),
+        "conv1d.bias": full_to_local_conv(full["conv1d.bias"], tp_rank, tp_size, sizes),
+        "dt_bias": full_to_local(full["dt_bias"], tp_rank, tp_size, heads),
+        "A_log": full_to_local(full["A_log"], tp_rank, tp_size, heads),
+        "D": full_to_local(full["D"], tp_rank, tp_size, heads),
+        "norm.weight": full_to_local(full["norm.weight"], tp_rank, tp_size, [sizes.d_inner]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint: split in_proj / conv1d into per-component ShardedTensors (as megatron does)
+# ----------------------------------------------------------------------------------------------
+
+
+def split_sharded_tensor(
+    sh_ten: ShardedTensor, sections: List[int], names: List[str], dim: int = 0
+) -> ShardedTensorFactory:
+    """A factory saving ``sh_ten`` as independent keys ``<key>.<name>``, one per local section.
+
+    Each piece is a ShardedTensor narrowed from the TP-sharded original, so its global shape is
+    the full component (e.g. ``in_proj.weight.z [d_inner, d_model]``) and checkpoints reshard
+    across TP sizes and match megatron's MambaMixer keys.
+    """
+    if sum(sections) != sh_ten.local_shape[dim]:
+        raise ValueError(
+            f"split sections {sections} must cover dim {dim} of {sh_ten.key} "
+            f"(local size {sh_ten.local_shape[dim]})"
+        )
+    template = sh_ten.without_data()
+
+    @torch.no_grad()
+    def build(key, t, replica_id, flattened_range):
+        whole = replace(template, key=key, data=t, dtype=t.dtype, replica_id=replica_id,
+                        flattened_range=flattened_range)
+        pieces, start = [], 0
+        for size, name in zip(sections, names):
+            for piece in whole.narrow(dim, start, size):
+                piece.key = f"{piece.key}.{name}"
+                pieces.append(piece)
+            start += size
+        return pieces
+
+    @torch.no_grad()
+    def merge(sub_state_dict):
+        return torch.cat(sub_state_dict)
+
+    return ShardedTensorFactory(sh_ten.key, sh_ten.data, build, merge, sh_ten.replica_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# Optional CUDA kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_kernels():
+    """``(causal_conv1d_fn, mamba_chunk_scan_combined)`` when both packages import, else None."""
+    try:
+        from causal_conv1d import causal_conv1d_fn
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except (ImportError, OSError):
+        return None
+    return causal_conv1d_fn, mamba_chunk_scan_combined
+
+
+# ----------------------------------------------------------------------------------------------
+# The mixer
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Mamba2MixerSubmodules:
+    """Specs of the input (column-parallel) and output (row-parallel) projections."""
+
+    in_proj: Union[ModuleSpec, type] = None
+    out_proj: Union[ModuleSpec, type] = None
+
+
+def _no_init(_weight):
+    """The projections are initialised by the mixer (TP/PP-invariant); skip the linear's own."""
+
+
+def _validate(config, nheads, head_dim, ngroups, d_state, tp_size, chunk_size, d_conv, A_init_range):
+    for field, value in (("mamba_num_heads", nheads), ("mamba_head_dim", head_dim),
+                         ("mamba_num_groups", ngroups), ("mamba_state_dim", d_state)):
+        if value is None or int(value) <= 0:
+            flag = "--" + field.replace("_", "-")
+            raise ValueError(f"{field}={value!r}: the Mamba2 mixer needs a positive value; set {flag}")
+    if nheads % ngroups:
+        raise ValueError(
+            f"mamba_num_heads={nheads} is not divisible by mamba_num_groups={ngroups}: every group "
+            f"of B/C must serve a whole number of heads; choose heads as a multiple of groups")
+    if nheads % tp_size:
+        raise ValueError(
+            f"mamba_num_heads={nheads} is not divisible by tensor_model_parallel_size={tp_size}: "
+            f"each TP rank holds whole heads; choose a TP size that divides the heads")
+    if ngroups % tp_size:
+        raise ValueError(
+            f"mamba_num_groups={ngroups} is not divisible by tensor_model_parallel_size={tp_size}: "
+            f"each TP rank holds whole groups; choose a TP size that divides the groups")
+    if chunk_size <= 0 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size={chunk_size} must be a power of two (e.g. 128)")
+    if d_conv < 1:
+        raise ValueError(f"d_conv={d_conv} must be >= 1")
+    if not (0 < A_init_range[0] <= A_init_range[1]):
+        raise ValueError(f"A_init_range={tuple(A_init_range)} must satisfy 0 < low <= high")
+    if getattr(config, "context_parallel_size", 1) > 1:
+        raise ValueError(
+            f"context_parallel_size={config.context_parallel_size}: the torch Mamba2 mixer does not "
+            f"support context parallelism; use context_parallel_size=1")
+
+
+class Mamba2Mixer(MegatronModule):
+    """Mamba2 mixer with megatron MambaMixer's parameter names, per-rank shapes and checkpoint keys.
+
+    Built by MambaLayer as ``build_module(submodules.mixer, config, d_model=..., layer_number=...,
+    pg_collection=..., pp_layer_offset=...)``. Sizes come from the config (``mamba_num_heads``,
+    ``mamba_head_dim``, ``mamba_num_groups``, ``mamba_state_dim``). The init seed is
+    ``config.init_seed`` (set by the model builder to the run's --seed) or 1234.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: Mamba2MixerSubmodules,
+        d_model: int,
+        d_conv: int = 4,
+        conv_init: Optional[float] = None,
+        A_init_range=(1, 16),
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        chunk_size: int = 128,
+        layer_number: Optional[int] = None,
+        pg_collection=None,
+        pp_layer_offset: int = 0,
+        **unused,
+    ):
+        super().__init__(config)
+        self.tp_group = (pg_collection.tp if pg_collection is not None
+                         else parallel_state.get_tensor_model_parallel_group())
+        tp_size, tp_rank = self.tp_group.size(), self.tp_group.rank()
+        nheads, head_dim = config.mamba_num_heads, config.mamba_head_dim
+        ngroups, d_state = config.mamba_num_groups, config.mamba_state_dim
+        _validate(config, nheads, head_dim, ngroups, d_state, tp_size, chunk_size, d_conv, A_init_range)
+
+        self.sizes = Mamba2Sizes(nheads=nheads, head_dim=head_dim, ngroups=ngroups, d_state=d_state)
+        self.d_model, self.d_conv, self.chunk_size = d_model, d_conv, chunk_size
+        self.layer_number, self.pp_layer_offset = layer_number, pp_layer_offset
+        self.d_state, self.headdim = d_state, head_dim
+        self.d_inner = self.sizes.d_inner
+        self.nheads_local_tp = nheads // tp_size
+        self.ngroups_local_tp = ngroups // tp_size
+        self.d_inner_local_tp = self.nheads_local_tp * head_dim
+        self.conv_dim_local = self.d_inner_local_tp + 2 * self.ngroups_local_tp * d_state
+        self.use_fast_kernels = True  # set False to force the torch path on CUDA
+
+        # Parameters are created without an explicit device when use_cpu_initialization (so a
+        # surrounding `torch.device("meta")` context applies); else on the current CUDA device.
+        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        dtype = config.params_dtype
+
+        self.in_proj = build_module(
+            submodules.in_proj, d_model, sum(self.sizes.in_proj_sections()), config=config,
+            init_method=_no_init, gather_output=False, bias=False, skip_bias_add=False,
+            is_expert=False, tp_comm_buffer_name="fc1", tp_group=self.tp_group,
+        )
+        self.conv1d = nn.Conv1d(
+            self.conv_dim_local, self.conv_dim_local, kernel_size=d_conv, groups=self.conv_dim_local,
+            padding=d_conv - 1, bias=conv_bias, device=device, dtype=dtype,
+        )
+        self.act = nn.SiLU()
+        self.dt_bias = nn.Parameter(torch.empty(self.nheads_local_tp, device=device, dtype=dtype))
+        self.A_log = nn.Parameter(torch.empty(self.nheads_local_tp, device=device, dtype=torch.float32))
+        self.D = nn.Parameter(torch.ones(self.nheads_local_tp, device=device, dtype=torch.float32))
+        self.norm = GatedRMSNorm(self.d_inner_local_tp, self.d_inner_local_tp // self.ngroups_local_tp,
+                                 eps=NORM_EPS, dtype=dtype, device=device)
+        self.norm.tp_group = self.tp_group
+        self.out_proj = build_module(
+            submodules.out_proj, self.d_inner, d_model, config=config, init_method=_no_init,
+            bias=False, input_is_parallel=True, skip_bias_add=True, is_expert=False,
+            tp_comm_buffer_name="fc2", tp_group=self.tp_group,
+        )
+        for param in (self.conv1d.weight, self.conv1d.bias, self.dt_bias, self.A_log, self.D,
+                      self.norm.weight):
+            if param is not None:
+                set_tensor_model_parallel_attributes(param, True, 0, 1)
+
+        self._initialise(config, tp_rank, tp_size, conv_init=conv_init, A_init_range=A_init_range,
+                         dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor)
+
+    @torch.no_grad()
+    def _initialise(self, config, tp_rank, tp_size, **dist):
+        """Copy this rank's slice of the full, seeded init into the parameters."""
+        if self.in_proj.weight.is_meta:
+            return
+        if not config.perform_initialization:
+            # Loading a checkpoint next: skip the big draws, keep the small params finite.
+            self.dt_bias.fill_(math.log(math.expm1(0.01)))
+            self.A_log.zero_()
+            return
+        full = init_full_parameters(
+            self.sizes, self.d_model, d_conv=self.d_conv,
+            seed=_init_seed(config),
+            layer_number=self.layer_number or 1, init_method=config.init_method,
+            output_layer_init_method=config.output_layer_init_method, **dist,
+        )
+        local = local_parameters(full, tp_rank, tp_size, self.sizes)
+        for name, param in self.named_parameters():
+            if name in local:
+                param.copy_(local[name].to(param.dtype))
+
+    # ------------------------------------------------------------------------------------------
+    # Forward paths
+    # ------------------------------------------------------------------------------------------
+
+    def forward(self, hidden_states, inference_context=None, *, inference_params=None,
+                packed_seq_params=None, **unused):
+        """hidden_states [s, b, d_model] (sequence-parallel shard if SP) -> (out, out_bias)."""
+        if inference_context is None:
+            inference_context = inference_params
+        if packed_seq_params is not None:
+            raise NotImplementedError(
+                "Mamba2Mixer: packed sequences (packed_seq_params) are not supported yet; "
+                "feed one document per sequence or reset_position_ids/attention-free packing off")
+        if inference_context is not None and not self.training:
+            return self._static_inference(hidden_states, inference_context)
+        zxBCdt, _ = self.in_proj(hidden_states)
+        y, _, _ = self._ssm(zxBCdt)
+        return self.out_proj(y)
+
+    def _ssm(self, zxBCdt, conv_state=None, ssm_state=None, want_state=False):
+        """zxBCdt [l, b, proj_local] -> (y [l, b, d_inner_local], conv_state, ssm_state)."""
+        L, b, _ = zxBCdt.shape
+        zxBCdt = zxBCdt.transpose(0, 1)  # [b, l, .]
+        z, xBC, dt = torch.split(
+            zxBCdt, [self.d_inner_local_tp, self.conv_dim_local, self.nheads_local_tp], dim=-1)
+        kernels = _cuda_kernels() if (zxBCdt.is_cuda and self.use_fast_kernels) else None
+
+        xBC = xBC.transpose(1, 2)  # [b, conv_dim, l]
+        if kernels is not None and conv_state is None:
+            new_conv_state = F.pad(xBC, (self.d_conv - L, 0)) if want_state else None
+            xBC = kernels[0](xBC.contiguous(), self.conv1d.weight[:, 0, :], self.conv1d.bias,
+                             activation="silu")
+        else:
+            xBC, new_conv_state = causal_depthwise_conv1d(xBC, self.conv1d.weight, self.conv1d.bias,
+                                                          conv_state)
+            xBC = self.act(xBC)
+        xBC = xBC.transpose(1, 2)  # [b, l, conv_dim]
+        gn = self.ngroups_local_tp * self.d_state
+        x, B, C = torch.split(xBC, [self.d_inner_local_tp, gn, gn], dim=-1)
+        x = x.reshape(b, L, self.nheads_local_tp, self.headdim)
+        B = B.reshape(b, L, self.ngroups_local_tp, self.d_state)
+        C = C.reshape(b, L, self.ngroups_local_tp, self.d_state)
+        A = -torch.exp(self.A_log.float())
+
+        if kernels is not None:
+            result = kernels[1](
+                x, dt, A, B, C, self.chunk_size, D=self.D, z=None, dt_bias=self.dt_bias.float(),
+                dt_softplus=True, initial_states=ssm_state, return_final_states=want_state)
+            y, new_ssm_state = result if want_state else (result, None)
+        else:
+            dt = F.softplus(dt.float() + self.dt_bias.float())
+            y, new_ssm_state = ssd_scan_chunked(x, dt, A, B, C, self.chunk_size, D=self.D,
+                                                initial_state=ssm_state)
+        y = y.reshape(b, L, self.d_inner_local_tp).transpose(0, 1)  # [l, b, d_inner]
+        y = self.norm(y, z.transpose(0, 1))
+        return y, new_conv_state, new_ssm_state
+
+    def allocate_inference_state(self, batch: int, device=None, conv_dtype=None,
+                                 ssm_dtype=torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Zero ``(conv_state [b, conv_dim_local, d_conv], ssm_state [b, h_local, p, n])``.
+        The SSM state defaults to fp32 (it accumulates over the whole sequence)."""
+        device = device if device is not None else self.conv1d.weight.device
+        conv_dtype = conv_dtype or self.conv1d.weight.dtype
+        conv_shape, ssm_shape = self.mamba_state_shapes_per_request()
+        return (torch.zeros(batch, *conv_shape, device=device, dtype=conv_dtype),
+                torch.zeros(batch, *ssm_shape, device=device, dtype=ssm_dtype))
+
+    def mamba_state_shapes_per_request(self) -> Tuple[Tuple[int, int], Tuple[int, int, int]]:
+        """Per-request ``(conv_state_shape, ssm_state_shape)``, as MambaMixer reports them."""
+        return (self.conv_dim_local, self.d_conv), (self.nheads_local_tp, self.headdim, self.d_state)
+
+    def _fold_bias(self, out, bias):
+        return out if bias is None else out + bias
+
+    def forward_with_state(self, hidden_states, conv_state=None, ssm_state=None):
+        """Prefill: hidden_states [s, b, d] -> (out [s, b, d], conv_state, ssm_state).
+
+        Given states continue a sequence (chunked prefill); None starts one. Returns new states
+        (fp32 SSM state; conv state in the activations' dtype); out includes the out_proj bias.
+        """
+        zxBCdt, _ = self.in_proj(hidden_states)
+        y, conv_state, ssm_state = self._ssm(zxBCdt, conv_state, ssm_state, want_state=True)
+        out, bias = self.out_proj(y)
+        return self._fold_bias(out, bias), conv_state, ssm_state
+
+    def step(self, hidden_states, conv_state, ssm_state):
+        """One decoding token: hidden_states [1, b, d] or [b, d] -> (out same shape, conv_state,
+        ssm_state). Returns new states; the inputs are left untouched."""
+        squeeze = hidden_states.dim() == 2
+        if squeeze:
+            hidden_states = hidden_states[None]
+        if hidden_states.shape[0] != 1:
+            raise ValueError(f"step() takes one token, got sequence length {hidden_states.shape[0]}; "
+                             f"use forward_with_state() for several")
+        zxBCdt, _ = self.in_proj(hidden_states)
+        z, xBC, dt = torch.split(
+            zxBCdt[0], [self.d_inner_local_tp, self.conv_dim_local, self.nheads_local_tp], dim=-1)
+        xBC, conv_state = conv_step(xBC, self.conv1d.weight, self.conv1d.bias, conv_state)
+        xBC = self.act(xBC)
+        gn = self.ngroups_local_tp * self.d_state
+        x, B, C = torch.split(xBC, [self.d_inner_local_tp, gn, gn], dim=-1)
+        b = x.shape[0]
+        x = x.reshape(b, self.nheads_local_tp, self.headdim)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        A = -torch.exp(self.A_log.float())
+        y, new_ssm = ssd_step(x, dt, A, B.reshape(b, self.ngroups_local_tp, self.d_state),
+                              C.reshape(b, self.ngroups_local_tp, self.d_state), ssm_state)
+        y = y + x.float() * self.D.float()[:, None]
+        y = self.norm(y.reshape(b, self.d_inner_local_tp).to(z.dtype)[None], z[None])
+        out, bias = self.out_proj(y)
+        out = self._fold_bias(out, bias)
+        return (out[0] if squeeze else out), conv_state, new_ssm.to(ssm_state.dtype)
+
+    def _static_inference(self, hidden_states, ctx):
+        """megatron StaticInferenceContext: states live in ctx.key_value_memory_dict[layer_number]
+        and are updated in place; offset 0 starts a sequence."""
+        if not ctx.is_static_batching():
+            raise NotImplementedError("Mamba2Mixer supports only static-batching inference contexts")
+        batch = hidden_states.shape[1]
+        cached = ctx.key_value_memory_dict.get(self.layer_number)
+        if cached is None or cached[0].shape[0] != batch:
+            cached = self.allocate_inference_state(batch, device=hidden_states.device,
+                                                   conv_dtype=hidden_states.dtype)
+            ctx.key_value_memory_dict[self.layer_number] = cached
+        conv_state, ssm_state = cached
+        if ctx.sequence_len_offset == 0:
+            conv_state.zero_()
+            ssm_state.zero_()
+        if hidden_states.shape[0] == 1 and ctx.sequence_len_offset > 0:
+            out, new_conv, new_ssm = self.step(hidden_states, conv_state, ssm_state)
+        else:
+            out, new_conv, new_ssm = self.forward_with_state(hidden_states, conv_state, ssm_state)
+        conv_state.copy_(new_conv)
+        ssm_state.copy_(new_ssm)
+        return out, None
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpointing
+    # ------------------------------------------------------------------------------------------
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Same keys and splits as megatron's MambaMixer: ``in_proj.weight.{z,x,B,C,dt}`` and
+        ``conv1d.{weight,bias}.{x,B,C}``, each TP-sharded along dim 0 of its full component."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        own = {}
+        self._save_to_state_dict(own, "", keep_vars=True)
+        sharded = make_sharded_tensors_for_checkpoint(
+            own, prefix, {"A_log": 0, "dt_bias": 0, "D": 0}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"])
+        for name, module in self.named_children():
+            if name == "conv1d":
+                sharded.update(make_sharded_tensors_for_checkpoint(
+                    module.state_dict(prefix="", keep_vars=True), f"{prefix}{name}.",
+                    {"weight": 0, "bias": 0}, sharded_offsets,
+                    tp_group=self.tp_group, dp_cp_group=metadata["dp_cp_group"]))
+            else:
+                sharded.update(sharded_state_dict_default(
+                    module, f"{prefix}{name}.", sharded_offsets, metadata, tp_group=self.tp_group))
+
+        gn = self.ngroups_local_tp * self.d_state
+        key = f"{prefix}in_proj.weight"
+        sharded[key] = split_sharded_tensor(
+            sharded[key],
+            [self.d_inner_local_tp, self.d_inner_local_tp, gn, gn, self.nheads_local_tp],
+            ["z", "x", "B", "C", "dt"])
+        for name in ("conv1d.weight", "conv1d.bias"):
+            key = f"{prefix}{name}"
+            if key in sharded:
+                sharded[key] = split_sharded_tensor(
+                    sharded[key], [self.d_inner_local_tp, gn, gn], ["x", "B", "C"])
+        return sharded
