@@ -1,0 +1,226 @@
+"""Pretraining datasets over Megatron .bin/.idx, built by megatron-core itself.
+
+`build_pretraining_dataset` hands a Megatron-style blend to megatron-core's
+`BlendedMegatronDatasetBuilder` with a `GPTDatasetConfig`, so sample order, packing across
+document boundaries, multi-epoch shuffling and blending are upstream's, bit for bit:
+
+    data_path = ["prefix"]                       one GPTDataset
+    data_path = ["w1", "prefix1", "w2", "prefix2"] a BlendedDataset drawing in proportion to w_i
+    data_path = ["prefix1", "prefix2"]           a BlendedDataset weighted by dataset size
+
+The whole blend serves the one split asked for (`blend_per_split`), rather than cutting every
+prefix by a "99,1,0" split string: a held-out set is its own prefix (e.g. the embedded
+`embedded_valid_text_document`), so train and validation never share documents.
+
+Sample i (shapes [seq_length]): tokens int64, labels int64 = tokens shifted left by one (upstream
+draws seq_length + 1 tokens), loss_mask float32 (all ones: <eod> is predicted, documents are packed
+without attention reset), position_ids int64 0..seq_length-1, dataset_id int (index into
+`.prefixes`). Index i is a pure function of (files, seq_length, num_samples, seed): the trainer
+resumes by skipping consumed samples.
+
+Index files (document/sample/shuffle .npy, hashed by config) are cached in `cache_dir`, default
+`<folder of the first prefix>/index-cache`. With torch.distributed initialised, megatron-core builds
+them on rank 0 first, then the other ranks load them after a barrier: call this on every rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+import torch
+
+SPLITS = ("train", "valid", "test")
+_FIX = "build it with tools/preprocess_data.py, or run examples/demo.sh for the embedded default"
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+
+
+def parse_data_path(data_path: Sequence[str] | str) -> tuple[list[str], Optional[list[float]]]:
+    """Split a Megatron `--data-path` list into (prefixes, weights or None), validating its form."""
+    items = [data_path] if isinstance(data_path, str) else [str(x) for x in data_path]
+    if not items:
+        raise ValueError(f"--data-path is empty; give a prefix or weight/prefix pairs ({_FIX})")
+
+    def as_weight(s: str) -> Optional[float]:
+        try:
+            return float(s)
+        except ValueError:
+            return None
+
+    numeric = [as_weight(s) is not None for s in items]
+    if len(items) % 2 == 0 and all(numeric[0::2]) and not any(numeric[1::2]):
+        weights = [as_weight(s) for s in items[0::2]]
+        prefixes = items[1::2]
+        for w, p in zip(weights, prefixes):
+            if not math.isfinite(w) or w <= 0:
+                raise ValueError(f"--data-path weight {w} for {p!r} must be a finite number > 0 "
+                                 f"(leave the entry out to skip a source)")
+    elif not any(numeric):
+        weights, prefixes = None, items
+    else:
+        raise ValueError(
+            f"--data-path {items} mixes weights and prefixes; give either prefixes only or "
+            f"'weight prefix' pairs such as ['0.7', 'a_text_document', '0.3', 'b_text_document']"
+        )
+    # A prefix names two files; tolerate the common slip of passing one of them.
+    prefixes = [p[:-4] if p.endswith((".bin", ".idx")) else p for p in prefixes]
+    return prefixes, weights
+
+
+def check_data_files(prefixes: Sequence[str]) -> None:
+    """Raise FileNotFoundError naming every missing .bin/.idx, ValueError for a foreign .idx."""
+    missing = [p + ext for p in prefixes for ext in (".bin", ".idx") if not os.path.isfile(p + ext)]
+    if missing:
+        raise FileNotFoundError(
+            f"--data-path: missing {', '.join(missing)}; {_FIX}"
+        )
+    for p in prefixes:
+        with open(p + ".idx", "rb") as f:
+            if f.read(len(_INDEX_HEADER)) != _INDEX_HEADER:
+                raise ValueError(f"{p}.idx is not a Megatron index file (bad header); rebuild it: "
+                                 f"{_FIX}")
+
+
+def ensure_helpers() -> None:
+    """Make sure megatron-core's C++ dataset helpers import (sample and blend index builders).
+
+    PyPI wheels of megatron-core ship them compiled (`helpers_cpp*.so`); a source install has
+    only helpers.cpp, which upstream builds with `make` (needs a C++ compiler and pybind11).
+    """
+    try:
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+        return
+    except ImportError:
+        pass
+    from megatron.core.datasets.utils import compile_helpers
+
+    try:
+        compile_helpers()  # calls sys.exit(1) on failure
+        from megatron.core.datasets import helpers_cpp  # noqa: F401
+    except (SystemExit, ImportError) as e:
+        raise RuntimeError(
+            "megatron-core's C++ dataset helpers are not built and compiling them failed; install "
+            "a C++ compiler, make and pybind11 (pip install pybind11), or reinstall the "
+            "megatron-core==0.16.1 wheel from PyPI, which ships them compiled"
+        ) from e
+
+
+@contextlib.contextmanager
+def _rank_zero_when_not_distributed():
+    """Let megatron-core's BlendedDataset build its cache in a plain, non-distributed process.
+
+    Upstream `BlendedDataset._build_indices` (blended_dataset.py, core_v0.16.1) calls
+    `torch.distributed.get_rank()` without first checking `is_initialized()` (GPTDataset does
+    check), so a weighted blend with a cache folder fails outside torchrun. While building, and
+    only when no process group exists, `get_rank` answers 0 — what a 1-process group would say.
+    """
+    if torch.distributed.is_initialized():
+        yield
+        return
+    original = torch.distributed.get_rank
+    torch.distributed.get_rank = lambda group=None: 0
+    try:
+        yield
+    finally:
+        torch.distributed.get_rank = original
+
+
+class _TokenizerView:
+    """What megatron-core's dataset code reads from a tokenizer, and nothing else.
+
+    `pad` is reported as -1 (megatron's "never present" id) when it equals `eod`: upstream would
+    otherwise warn and do the same, and must not mask the loss of real <eod> tokens.
+    """
+
+    def __init__(self, tokenizer):
+        self.vocab_size = tokenizer.vocab_size
+        self.eod = tokenizer.eod
+        pad = getattr(tokenizer, "pad", None)
+        self.pad = -1 if pad is None or pad == self.eod else pad
+        self.unique_identifiers = getattr(tokenizer, "unique_identifiers", None) or OrderedDict(
+            [("class", type(tokenizer).__name__), ("vocab_size", self.vocab_size),
+             ("eod", self.eod)]
+        )
+
+
+class PretrainingDataset(torch.utils.data.Dataset):
+    """Map-style view over a megatron-core GPTDataset / BlendedDataset; see the module docstring."""
+
+    def __init__(self, megatron_dataset, prefixes: list[str], weights: Optional[list[float]],
+                 num_samples: int, split: str):
+        self.megatron_dataset = megatron_dataset
+        self.prefixes = prefixes
+        self.weights = weights
+        self.num_samples = num_samples
+        self.split = split
+
+    def __len__(self) -> int:
+        # >= num_samples; upstream rounds up to whole epochs (single source) or per-source targets.
+        return len(self.megatron_dataset)
+
+    def __getitem__(self, idx: int) -> dict:
+        if idx < 0 or idx >= len(self):
+            raise IndexError(f"sample {idx} out of range [0, {len(self)})")
+        s = self.megatron_dataset[idx]
+        return {
+            "tokens": s["tokens"].to(torch.int64),
+            "labels": s["labels"].to(torch.int64),
+            "loss_mask": s["loss_mask"].to(torch.float32),
+            "position_ids": s["position_ids"].to(torch.int64),
+            "dataset_id": int(s.get("dataset_id", 0)),
+        }
+
+
+def build_pretraining_dataset(data_path: Sequence[str] | str, seq_length: int, num_samples: int,
+                              seed: int, tokenizer, split: str = "train",
+                              cache_dir: Optional[str] = None) -> PretrainingDataset:
+    """Dataset of `num_samples` (or more) packed samples of `seq_length` tokens from `data_path`."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} must be one of {', '.join(SPLITS)}")
+    if not isinstance(seq_length, int) or seq_length < 1:
+        raise ValueError(f"--seq-length must be a positive int, got {seq_length!r}")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    prefixes, weights = parse_data_path(data_path)
+    check_data_files(prefixes)
+    if len(prefixes) == 1:
+        weights = None  # one source: a plain GPTDataset, no blending index
+
+    ensure_helpers()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex.*")
+        from megatron.core.datasets.blended_megatron_dataset_builder import (
+            BlendedMegatronDatasetBuilder,
+        )
+        from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    if cache_dir is None:
+        cache_dir = os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
+    split_index = SPLITS.index(split)
+    blend = ([os.path.abspath(p) for p in prefixes], weights)
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend_per_split=[blend if i == split_index else None for i in range(len(SPLITS))],
+        path_to_cache=os.path.abspath(cache_dir),
+        tokenizer=_TokenizerView(tokenizer),
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+        mmap_bin_files=True,
+    )
+    sizes = [num_samples if i == split_index else None for i in range(len(SPLITS))]
+    with _rank_zero_when_not_distributed():
+        built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
+    dataset = built[split_index]
+    if dataset is None or len(dataset) < num_samples:
+        raise ValueError(
+            f"{split} data {prefixes} yields {0 if dataset is None else len(dataset)} samples of "
+            f"{seq_length} tokens, fewer than the {num_samples} requested; add data or lower "
+            f"--seq-length"
+        )
+    return PretrainingDataset(dataset, prefixes, weights, num_samples, split)
