@@ -1,0 +1,330 @@
+"""One dataclass tree for a run, spoken in Megatron-LM's flag names.
+
+Field `hidden_size` is flag `--hidden-size` and YAML key `hidden_size`; the `help` of each field is
+its flag help. Checks that involve a single sub-config live in its `__post_init__`; checks across
+sub-configs live in `RunConfig.__post_init__`. Nothing here touches the file system, devices or
+process groups: building a config has no side effects.
+
+Every check raises `ValueError` naming the field, the value, the rule and the fix, so a bad launch
+fails with one line before any work is done.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, get_args, get_origin, get_type_hints
+
+import yaml
+
+LAYER_SYMBOLS = {"M": "mamba", "*": "attention", "-": "mlp"}
+
+
+def arg(default: Any, help: str, *, choices: Optional[tuple] = None) -> Any:
+    """A dataclass field whose metadata carries its CLI help (and allowed values)."""
+    metadata = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _fail(name: str, value: Any, rule: str, fix: str) -> None:
+    raise ValueError(f"{_flag(name)}={value!r}: {rule}; {fix}")
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = arg(6, "Number of layers (one per character of the hybrid pattern).")
+    hybrid_override_pattern: str = arg(
+        "M*M-M-", "Layer kinds, one character per layer: M Mamba2, * attention, - MLP.")
+    hidden_size: int = arg(128, "Model width.")
+    ffn_hidden_size: int = arg(512, "MLP inner width (squared-ReLU, no gate).")
+    num_attention_heads: int = arg(4, "Attention query heads.")
+    num_query_groups: int = arg(2, "Key/value heads (GQA groups).")
+    kv_channels: Optional[int] = arg(None, "Attention head dim (default hidden/heads).")
+    mamba_num_heads: int = arg(8, "Mamba2 heads.")
+    mamba_head_dim: int = arg(32, "Mamba2 head dim (Mamba width = heads x head dim).")
+    mamba_state_dim: int = arg(32, "Mamba2 SSM state size.")
+    mamba_num_groups: int = arg(2, "Mamba2 B/C groups.")
+    mamba_conv_kernel: int = arg(4, "Mamba2 causal conv width.")
+    mamba_chunk_size: int = arg(64, "Chunk length of the SSD scan (power of two).")
+    norm_epsilon: float = arg(1e-5, "RMSNorm epsilon.")
+    init_method_std: float = arg(0.02, "Std of the normal init of linear weights.")
+    make_vocab_size_divisible_by: int = arg(128, "Pad the vocab to a multiple of this.")
+
+    def __post_init__(self):
+        pattern = self.hybrid_override_pattern
+        bad = sorted({c for c in pattern if c not in LAYER_SYMBOLS})
+        if bad:
+            _fail("hybrid_override_pattern", pattern, f"unknown layer symbol(s) {bad}",
+                  "use only M (Mamba2), * (attention) and - (MLP)")
+        if len(pattern) != self.num_layers:
+            _fail("hybrid_override_pattern", pattern,
+                  f"has {len(pattern)} layers but --num-layers is {self.num_layers}",
+                  "make the pattern one character per layer or change --num-layers")
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "mamba_num_heads", "mamba_head_dim", "mamba_state_dim",
+                     "mamba_num_groups", "mamba_conv_kernel", "make_vocab_size_divisible_by"):
+            if getattr(self, name) <= 0:
+                _fail(name, getattr(self, name), "must be positive", "pass a positive integer")
+        if self.num_attention_heads % self.num_query_groups:
+            _fail("num_query_groups", self.num_query_groups,
+                  f"must divide --num-attention-heads={self.num_attention_heads}",
+                  "choose query groups that divide the heads")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            _fail("num_attention_heads", self.num_attention_heads,
+                  f"must divide --hidden-size={self.hidden_size} when --kv-channels is unset",
+                  "set --kv-channels or change the head count")
+        if self.mamba_num_heads % self.mamba_num_groups:
+            _fail("mamba_num_groups", self.mamba_num_groups,
+                  f"must divide --mamba-num-heads={self.mamba_num_heads}",
+                  "choose Mamba groups that divide the Mamba heads")
+        if not _is_power_of_two(self.mamba_chunk_size):
+            _fail("mamba_chunk_size", self.mamba_chunk_size, "must be a power of two",
+                  "use e.g. 64, 128 or 256")
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        return [LAYER_SYMBOLS[c] for c in self.hybrid_override_pattern]
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = arg(1, "Tensor-parallel ranks.")
+    pipeline_model_parallel_size: int = arg(1, "Pipeline stages.")
+    num_layers_per_virtual_pipeline_stage: Optional[int] = arg(
+        None, "Layers per virtual stage (interleaved 1F1B).")
+    sequence_parallel: bool = arg(False, "Shard norms/dropout activations along the sequence.")
+    use_distributed_optimizer: bool = arg(False, "Shard optimizer state over data-parallel ranks.")
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            if getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "must be >= 1", "pass a positive integer")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            _fail("sequence_parallel", True, "needs --tensor-model-parallel-size > 1",
+                  "drop --sequence-parallel or raise TP")
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = arg(3e-3, "Peak learning rate.")
+    min_lr: float = arg(3e-4, "Learning rate at the end of decay.")
+    lr_decay_style: str = arg("cosine", "Schedule after warmup.",
+                              choices=("cosine", "linear", "constant", "WSD"))
+    lr_warmup_iters: int = arg(20, "Linear warmup iterations.")
+    lr_decay_iters: Optional[int] = arg(None, "Iterations of warmup+decay (default --train-iters).")
+    lr_wsd_decay_iters: Optional[int] = arg(
+        None, "WSD: length of the final decay (default 20%% of --lr-decay-iters).")
+    lr_wsd_decay_style: str = arg("linear", "WSD decay shape.",
+                                  choices=("linear", "cosine", "exponential", "minus_sqrt"))
+    weight_decay: float = arg(0.1, "AdamW decoupled weight decay.")
+    adam_beta1: float = arg(0.9, "AdamW beta1.")
+    adam_beta2: float = arg(0.95, "AdamW beta2.")
+    adam_eps: float = arg(1e-8, "AdamW epsilon.")
+    clip_grad: float = arg(1.0, "Clip the global grad norm to this (0 disables).")
+
+    def __post_init__(self):
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            _fail("min_lr", self.min_lr, f"need 0 <= --min-lr <= --lr={self.lr} and --lr > 0",
+                  "fix the learning rates")
+        if self.lr_warmup_iters < 0:
+            _fail("lr_warmup_iters", self.lr_warmup_iters, "must be >= 0", "pass 0 or more")
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = arg(8, "Sequences per micro-batch per data-parallel rank.")
+    global_batch_size: Optional[int] = arg(
+        None, "Sequences per optimizer step (default micro-batch x data-parallel size).")
+    seq_length: int = arg(128, "Tokens per sequence.")
+    train_iters: int = arg(200, "Optimizer steps to run (in total, across resumes).")
+    seed: int = arg(1234, "Seed for init, data order and dropout.")
+    bf16: bool = arg(False, "Train in bf16 with fp32 master weights.")
+    log_interval: int = arg(10, "Log every this many iterations.")
+    eval_interval: int = arg(0, "Evaluate on the validation split every N iterations (0: never).")
+    eval_iters: int = arg(4, "Micro-batches per evaluation.")
+    exit_signal_handler: bool = arg(True, "On SIGTERM, save a checkpoint and exit cleanly.")
+    stage: str = arg("pretrain", "What to train: next-token pretraining or an RLP stage.",
+                     choices=("pretrain", "rlp"))
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "seq_length", "train_iters", "log_interval"):
+            if getattr(self, name) < 1:
+                _fail(name, getattr(self, name), "must be >= 1", "pass a positive integer")
+
+
+@dataclass
+class DataConfig:
+    data_path: list = arg([], "Megatron blend: PREFIX or 'W1 PREFIX1 W2 PREFIX2 ...' "
+                              "(default: the embedded corpus, generated on first use).")
+    valid_data_path: list = arg([], "Validation prefix(es) (default: embedded validation split).")
+    tokenizer_type: str = arg("EmbeddedTokenizer", "Tokenizer kind.")
+    tokenizer_model: Optional[str] = arg(None, "Path to a tokenizer.json for file tokenizers.")
+    data_cache_path: Optional[str] = arg(None, "Where dataset index caches go (default <save>/cache).")
+    embedded_data_dir: Optional[str] = arg(
+        None, "Where the embedded corpus is generated (default ~/.cache/megatron_rlp/embedded).")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = arg(None, "Directory for checkpoints, metrics.jsonl and logs.")
+    load: Optional[str] = arg(None, "Checkpoint directory to resume or start from.")
+    save_interval: int = arg(0, "Save every N iterations (0: only at the end).")
+    no_load_optim: bool = arg(False, "Load weights only (start a new optimizer).")
+    no_load_rng: bool = arg(False, "Do not restore RNG states.")
+    finetune: bool = arg(False, "Load weights only and reset iteration to 0 (new stage).")
+    dry_run: bool = arg(False, "Build on the meta device, print sizes and memory, exit.")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "optimizer": OptimizerConfig,
+    "training": TrainingConfig,
+    "data": DataConfig,
+    "checkpoint": CheckpointConfig,
+}
+# Feature issues register their own sub-configs here (NVFP4 recipe, RLP stage, data phases).
+EXTENSION_SECTIONS: dict[str, type] = {}
+
+
+def register_section(name: str, cls: type) -> type:
+    """Add a sub-config (e.g. `fp4`, `rlp`) to every RunConfig; its fields become flags."""
+    EXTENSION_SECTIONS[name] = cls
+    return cls
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    extensions: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name, cls in EXTENSION_SECTIONS.items():
+            self.extensions.setdefault(name, cls())
+        tp = self.parallel.tensor_model_parallel_size
+        pp = self.parallel.pipeline_model_parallel_size
+        m = self.model
+        for name, value in (("num_query_groups", m.num_query_groups),
+                            ("mamba_num_heads", m.mamba_num_heads),
+                            ("mamba_num_groups", m.mamba_num_groups)):
+            if value % tp:
+                _fail(name, value, f"must be divisible by --tensor-model-parallel-size={tp}",
+                      "lower TP or change the model shape")
+        if m.num_layers % pp:
+            _fail("pipeline_model_parallel_size", pp,
+                  f"must divide --num-layers={m.num_layers} (stages must cover all layers)",
+                  "choose a PP size that divides the layer count")
+        vpp = self.parallel.num_layers_per_virtual_pipeline_stage
+        if vpp is not None and (m.num_layers // pp) % vpp:
+            _fail("num_layers_per_virtual_pipeline_stage", vpp,
+                  f"must divide the {m.num_layers // pp} layers of each pipeline stage",
+                  "choose a divisor of num_layers / PP")
+
+    def __getattr__(self, name):
+        # `cfg.rlp`, `cfg.fp4` ... for registered extension sections.
+        extensions = self.__dict__.get("extensions", {})
+        if name in extensions:
+            return extensions[name]
+        raise AttributeError(name)
+
+    def sections(self) -> dict:
+        out = {name: getattr(self, name) for name in SECTIONS}
+        out.update(self.extensions)
+        return out
+
+    def to_flat_dict(self) -> dict:
+        flat = {}
+        for section in self.sections().values():
+            flat.update(dataclasses.asdict(section))
+        return flat
+
+
+def _all_sections() -> dict:
+    return {**SECTIONS, **EXTENSION_SECTIONS}
+
+
+def _field_owner() -> dict:
+    owners = {}
+    for section, cls in _all_sections().items():
+        for f in dataclasses.fields(cls):
+            if f.name in owners:
+                raise RuntimeError(f"config field {f.name} defined in two sections")
+            owners[f.name] = section
+    return owners
+
+
+def _base_type(hint):
+    if get_origin(hint) is not None and type(None) in get_args(hint):  # Optional[X]
+        return next(a for a in get_args(hint) if a is not type(None))
+    return hint
+
+
+def build_parser(prog: str = "megatron-rlp-train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Pretrain / RLP-train a hybrid Mamba-Transformer LM.",
+        argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file with the same keys (underscored); flags win.")
+    for section, cls in _all_sections().items():
+        group = parser.add_argument_group(section)
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kind = _base_type(hints[f.name])
+            help_text = f.metadata.get("help", "")
+            choices = f.metadata.get("choices")
+            if kind is bool:
+                group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
+                                   help=help_text)
+            elif kind is list or get_origin(kind) is list:
+                group.add_argument(_flag(f.name), nargs="+", help=help_text)
+            else:
+                group.add_argument(_flag(f.name), type=kind, choices=choices, help=help_text)
+    return parser
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    """Build a RunConfig from flat Megatron-named keys (YAML or parsed flags)."""
+    owners = _field_owner()
+    per_section: dict[str, dict] = {name: {} for name in _all_sections()}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in owners:
+            raise ValueError(f"unknown config key {key!r}; see --help for the valid names")
+        per_section[owners[key]][key] = value
+    built = {name: cls(**per_section[name]) for name, cls in _all_sections().items()}
+    extensions = {name: built[name] for name in EXTENSION_SECTIONS}
+    return RunConfig(**{name: built[name] for name in SECTIONS}, extensions=extensions)
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ValueError(f"--config {path!r}: file not found") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path!r}: expected a mapping of flag names to values")
+    return values
+
+
+def parse_args(argv: Optional[list] = None, prog: str = "megatron-rlp-train") -> RunConfig:
+    """Flags override the YAML file, which overrides the defaults."""
+    parser = build_parser(prog)
+    namespace = vars(parser.parse_args(argv))
+    values = load_yaml(namespace.pop("config")) if "config" in namespace else {}
+    values.update(namespace)
+    return config_from_dict(values)

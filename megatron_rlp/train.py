@@ -1,0 +1,233 @@
+"""`megatron-rlp-train` / `python -m megatron_rlp.train`: pretraining and RLP stages.
+
+    python -m megatron_rlp.train --config examples/tiny_cpu.yaml --save runs/tiny
+    torchrun --nproc-per-node 2 -m megatron_rlp.train --config ... --tensor-model-parallel-size 2
+
+Bad input (unknown flag, inconsistent shapes, missing data, unwritable --save) ends the run before
+any work with one line naming the problem and the fix, and exit code 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+from megatron_rlp.config import RunConfig, parse_args
+
+# Feature modules register stage builders and callback factories here (RLP, NVFP4, data phases),
+# so the trainer core stays ignorant of them.
+STAGE_BUILDERS: Dict[str, Callable] = {}
+CALLBACK_FACTORIES: List[Callable] = []
+DATA_SOURCE_BUILDERS: List[Callable] = []
+MODEL_SPEC_HOOKS: List[Callable] = []
+
+
+def _import_extensions() -> None:
+    """Import feature packages that register sections/stages, if they are present."""
+    import importlib
+
+    for name in ("megatron_rlp.quant.integration", "megatron_rlp.rlp.stage",
+                 "megatron_rlp.data.phases"):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name is None or not name.startswith(error.name):
+                raise
+
+
+def check_save_dir(save: Optional[str]) -> None:
+    """Fail now, not after an hour of training, if checkpoints cannot be written."""
+    if not save:
+        return
+    try:
+        os.makedirs(save, exist_ok=True)
+        probe = os.path.join(save, f".write_probe_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise ValueError(f"--save {save!r} is not writable ({error.strerror}); "
+                         "choose a directory you can write to") from None
+
+
+@dataclass
+class Run:
+    cfg: RunConfig
+    tokenizer: object
+    model: list
+    optimizer: object
+    scheduler: object
+    trainer: object
+    extras: dict = field(default_factory=dict)
+
+
+def resolve_data(cfg: RunConfig, tokenizer):
+    """Training and validation data paths; the embedded corpus when --data-path is not given."""
+    from megatron_rlp.data.embedded import embedded_paths, ensure_embedded_dataset
+
+    if cfg.data.data_path:
+        return list(cfg.data.data_path), list(cfg.data.valid_data_path) or None
+    out_dir = cfg.data.embedded_data_dir or os.path.join(
+        os.path.expanduser("~"), ".cache", "megatron_rlp", "embedded")
+    train_prefix = _on_rank_zero_first(lambda: ensure_embedded_dataset(out_dir))
+    paths = embedded_paths(out_dir)
+    return [train_prefix], [paths.valid_prefix]
+
+
+def _on_rank_zero_first(fn):
+    """Run `fn` on rank 0, then on the others (idempotent file generation without races)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    result = fn() if dist.get_rank() == 0 else None
+    dist.barrier()
+    return result if dist.get_rank() == 0 else fn()
+
+
+def build_data_source(cfg: RunConfig, tokenizer, data_path: list, num_samples: int,
+                      split: str = "train"):
+    from megatron_rlp.data.datasets import build_pretraining_dataset
+    from megatron_rlp.training.data_source import DatasetSource
+
+    for builder in DATA_SOURCE_BUILDERS:
+        source = builder(cfg, tokenizer, split)
+        if source is not None:
+            return source
+    cache = cfg.data.data_cache_path or (os.path.join(cfg.checkpoint.save, "cache")
+                                         if cfg.checkpoint.save else None)
+    dataset = _on_rank_zero_first(lambda: build_pretraining_dataset(
+        data_path, seq_length=cfg.training.seq_length, num_samples=num_samples,
+        seed=cfg.training.seed, tokenizer=tokenizer, split=split, cache_dir=cache))
+    return DatasetSource(dataset)
+
+
+def build_model_chunks(cfg: RunConfig, vocab_size: int) -> list:
+    """This rank's model chunk(s): one per virtual pipeline stage."""
+    from megatron.core import parallel_state
+
+    from megatron_rlp.models.hybrid import build_model
+
+    spec = None
+    for hook in MODEL_SPEC_HOOKS:
+        spec = hook(cfg) or spec
+    return [build_model(cfg, vocab_size,
+                        pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage(),
+                        stack_spec=spec)]
+
+
+def build_run(cfg: RunConfig) -> Run:
+    """Everything a training process needs, built in dependency order."""
+    from megatron_rlp.data.tokenizer import build_tokenizer
+    from megatron_rlp.training.distributed import init_distributed
+    from megatron_rlp.training.optim import build_optimizer, build_scheduler, wrap_model
+    from megatron_rlp.training.trainer import PretrainStage, Trainer
+
+    check_save_dir(cfg.checkpoint.save)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    init_distributed(cfg.parallel, cfg.training.seed)
+    data_path, valid_path = resolve_data(cfg, tokenizer)
+
+    model = wrap_model(cfg, build_model_chunks(cfg, tokenizer.vocab_size))
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+
+    mbs = cfg.training.micro_batch_size
+    from megatron.core import parallel_state
+
+    dp = parallel_state.get_data_parallel_world_size()
+    gbs = cfg.training.global_batch_size or mbs * dp
+    train_source = build_data_source(cfg, tokenizer, data_path, cfg.training.train_iters * gbs)
+    valid_stage = None
+    if valid_path:
+        valid_source = build_data_source(cfg, tokenizer, valid_path,
+                                         cfg.training.eval_iters * gbs, split="valid")
+        valid_stage = PretrainStage(cfg, valid_source)
+
+    stage_name = cfg.training.stage
+    if stage_name == "pretrain":
+        stage = PretrainStage(cfg, train_source)
+    elif stage_name in STAGE_BUILDERS:
+        stage = STAGE_BUILDERS[stage_name](cfg, model, tokenizer, train_source)
+    else:
+        raise ValueError(f"--stage={stage_name!r} is not available in this installation")
+    callbacks = [cb for factory in CALLBACK_FACTORIES
+                 if (cb := factory(cfg, model, tokenizer)) is not None]
+    if hasattr(stage, "callbacks"):
+        callbacks.extend(stage.callbacks())
+    trainer = Trainer(cfg, model, optimizer, scheduler, stage, callbacks, valid_source=valid_stage)
+    return Run(cfg, tokenizer, model, optimizer, scheduler, trainer)
+
+
+def load_for_run(run: Run) -> None:
+    """Apply --load: resume the same stage, or start a new stage from a checkpoint's weights."""
+    from megatron_rlp.training import checkpoint as ckpt
+
+    c = run.cfg.checkpoint
+    if not c.load:
+        return
+    latest = ckpt.read_latest_iteration(c.load) if os.path.isdir(c.load) else None
+    if latest is None:
+        if c.load == c.save:  # Megatron convention: --load == --save auto-resumes if possible
+            return
+        raise ValueError(f"--load {c.load!r} has no checkpoint ('latest' missing); "
+                         "check the path")
+    common_stage = _saved_stage(c.load, latest)
+    new_stage = c.finetune or common_stage != run.cfg.training.stage
+    run.trainer.resume(c.load, finetune=new_stage, load_optim=not c.no_load_optim,
+                       load_rng=not c.no_load_rng)
+    from megatron_rlp.training.trainer import is_logging_rank
+
+    if is_logging_rank():
+        how = "weights for a new stage" if new_stage else f"resuming at {run.trainer.iteration}"
+        print(f"loaded {ckpt.checkpoint_dir(c.load, latest)} ({how})", flush=True)
+
+
+def _saved_stage(load: str, iteration: int) -> str:
+    from megatron.core import dist_checkpointing
+
+    from megatron_rlp.training.checkpoint import checkpoint_dir
+
+    common = dist_checkpointing.load_common_state_dict(checkpoint_dir(load, iteration))
+    return common["training"].get("stage", "pretrain")
+
+
+def run_training(cfg: RunConfig) -> dict:
+    run = build_run(cfg)
+    load_for_run(run)
+    summary = run.trainer.train()
+    from megatron_rlp.training.trainer import is_logging_rank
+
+    if is_logging_rank():
+        first, last = summary["first_loss"], summary["last_loss"]
+        where = cfg.checkpoint.save or "(no --save: nothing written)"
+        print(f"done: iterations {summary['start_iteration']}->{summary['iteration']} in "
+              f"{summary['wall_s']:.1f}s; loss {first if first is None else round(first, 4)} -> "
+              f"{last if last is None else round(last, 4)}; outputs in {where}", flush=True)
+    return summary
+
+
+def main(argv: Optional[list] = None) -> int:
+    _import_extensions()
+    try:
+        cfg = parse_args(argv)
+        if cfg.checkpoint.dry_run:
+            from megatron_rlp.dry_run import dry_run
+
+            dry_run(cfg)
+            return 0
+        run_training(cfg)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"megatron-rlp-train: error: {error}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        from megatron_rlp.training.distributed import destroy_distributed
+
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""megatron-core's DDP wrapper, AdamW (plain or distributed) and LR/WD schedule for our config."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+
+from megatron_rlp.config import RunConfig
+
+
+def wrap_model(cfg: RunConfig, chunks: List[torch.nn.Module]) -> List[DistributedDataParallel]:
+    """bf16 runs wrap each chunk in megatron's `Float16Module` (casts inputs/outputs); every run
+    wraps in megatron's DDP, whose contiguous grad buffers the (distributed) optimizer needs."""
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        # Bucketing only pays off when overlapping with backward on GPU.
+        bucket_size=None,
+    )
+    wrapped = []
+    for index, chunk in enumerate(chunks):
+        if cfg.training.bf16:
+            chunk = Float16Module(chunk.config, chunk)
+        wrapped.append(DistributedDataParallel(
+            config=chunk.config, ddp_config=ddp_config, module=chunk,
+            # Only the first chunk's buckets may skip the pre-forward all-gather.
+            disable_bucketing=index > 0))
+    return wrapped
+
+
+def build_optimizer(cfg: RunConfig, model: List[torch.nn.Module]):
+    o = cfg.optimizer
+    opt_config = MegatronOptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=cfg.training.bf16,
+        params_dtype=torch.bfloat16 if cfg.training.bf16 else torch.float32,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    return get_megatron_optimizer(opt_config, model)
+
+
+def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
+    """Schedules are in iterations (Megatron counts samples; we step it by 1 per iteration)."""
+    o = cfg.optimizer
+    decay_iters = o.lr_decay_iters or cfg.training.train_iters
+    wsd_iters = None
+    if o.lr_decay_style == "WSD":
+        wsd_iters = o.lr_wsd_decay_iters or max(1, int(0.2 * decay_iters))
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.lr_warmup_iters,
+        lr_decay_steps=max(decay_iters, o.lr_warmup_iters + 1),
+        lr_decay_style=o.lr_decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=decay_iters,
+        wd_incr_style="constant",
+        # A resumed run takes its schedule from the checkpoint, as Megatron does by default.
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+        wsd_decay_steps=wsd_iters,
+        lr_wsd_decay_style=o.lr_wsd_decay_style if wsd_iters else None,
+    )

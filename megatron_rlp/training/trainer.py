@@ -1,0 +1,275 @@
+"""The training loop: megatron schedules for forward/backward, megatron optimizer, our bookkeeping.
+
+    for iteration in range(start, train_iters):
+        callbacks.on_iteration_start          (e.g. NVFP4 → BF16 switch, data phase switch)
+        stage.forward_backward                (megatron's schedule: no-pipelining / 1F1B)
+        optimizer.step; scheduler.step
+        callbacks.after_optimizer_step        (e.g. RLP's EMA teacher update)
+        log / evaluate / save / SIGTERM check
+
+What is computed per micro-batch is the stage's business (`PretrainStage` here: next-token loss;
+the RLP stage supplies its own). Resume is exact: the data position is the consumed-sample count,
+the schedule and optimizer come from the checkpoint, RNG is restored.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from functools import partial
+from typing import Dict, Iterator, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_rlp.config import RunConfig
+from megatron_rlp.training import checkpoint as ckpt
+from megatron_rlp.training.metrics import MetricsLogger
+
+
+class Callback:
+    """Hooks a feature can attach to the loop; every method is optional."""
+
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+
+    def on_iteration_start(self, trainer: "Trainer", iteration: int) -> None: ...
+
+    def after_optimizer_step(self, trainer: "Trainer", iteration: int) -> None: ...
+
+    def metrics(self, trainer: "Trainer") -> dict:
+        return {}
+
+    def checkpoint_components(self) -> dict:
+        return {}
+
+
+def is_logging_rank() -> bool:
+    """The rank that holds the loss: last pipeline stage, first TP and DP rank."""
+    return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0)
+
+
+class PretrainStage:
+    """Next-token prediction. Micro-batches come from a `data_source` with `batch(start, count)`
+    returning stacked `tokens`, `labels`, `loss_mask` for global sample indices
+    [start, start+count), and `phase(consumed)` naming the data phase."""
+
+    name = "pretrain"
+
+    def __init__(self, cfg: RunConfig, data_source):
+        self.cfg = cfg
+        self.data_source = data_source
+
+    def micro_batches(self, consumed_samples: int, num_microbatches: int) -> Iterator[dict]:
+        """This DP rank's micro-batches of the global batch starting at `consumed_samples`:
+        micro-batch j of rank r holds samples base + (j * DP + r) * MBS + [0, MBS)."""
+        mbs = self.cfg.training.micro_batch_size
+        dp = parallel_state.get_data_parallel_world_size()
+        rank = parallel_state.get_data_parallel_rank()
+        for j in range(num_microbatches):
+            yield self.data_source.batch(consumed_samples + (j * dp + rank) * mbs, mbs)
+
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], None, None, labels=batch["labels"])
+        return output, partial(self.loss_func, batch["loss_mask"])
+
+    @staticmethod
+    def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+        loss_mask = loss_mask.float()
+        loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
+        return loss, {"loss": loss.detach()}
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, model: List[torch.nn.Module], optimizer, scheduler,
+                 stage, callbacks: Optional[List[Callback]] = None, valid_source=None):
+        self.cfg = cfg
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.stage = stage
+        self.callbacks = callbacks or []
+        self.valid_source = valid_source
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.extra_state: dict = {}
+        self._stop_requested = False
+        dp = parallel_state.get_data_parallel_world_size()
+        t = cfg.training
+        self.global_batch_size = t.global_batch_size or t.micro_batch_size * dp
+        if self.global_batch_size % (t.micro_batch_size * dp):
+            raise ValueError(
+                f"--global-batch-size={self.global_batch_size} is not a multiple of "
+                f"--micro-batch-size x data-parallel size = {t.micro_batch_size} x {dp}; "
+                "adjust the batch sizes")
+        self.num_microbatches = self.global_batch_size // (t.micro_batch_size * dp)
+
+    # ---------------------------------------------------------------- checkpointing
+    def components(self) -> Dict[str, ckpt.CheckpointedComponent]:
+        out = {}
+        for callback in self.callbacks:
+            out.update(callback.checkpoint_components())
+        return out
+
+    def training_state(self) -> dict:
+        return {"consumed_samples": self.consumed_samples, "stage": self.stage.name,
+                **ckpt.training_state_layout(), **self.extra_state}
+
+    def save(self) -> None:
+        save = self.cfg.checkpoint.save
+        ckpt.save_checkpoint(save, self.iteration, self.model, self.optimizer, self.scheduler,
+                             self.training_state(), self.components())
+        if is_logging_rank():
+            print(f"saved checkpoint {ckpt.checkpoint_dir(save, self.iteration)}", flush=True)
+
+    def resume(self, load: str, *, finetune: bool = False, load_optim: bool = True,
+               load_rng: bool = True) -> None:
+        """Resume a run (`finetune=False`: iteration, data position, optimizer, schedule) or start
+        a new stage from its weights (`finetune=True`: weights only, iteration 0)."""
+        keep_optimizer = load_optim and not finetune
+        state = ckpt.load_checkpoint(
+            load, self.model,
+            optimizer=self.optimizer if keep_optimizer else None,
+            scheduler=self.scheduler if keep_optimizer else None,
+            components=self.components() if not finetune else {},
+            load_rng=load_rng and not finetune)
+        if finetune:
+            return
+        self.iteration = int(state["iteration"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.extra_state = {k: v for k, v in state.items()
+                            if k not in ("iteration", "consumed_samples", "format_version",
+                                         "layout", "stage")}
+
+    # ---------------------------------------------------------------- one step
+    def _forward_backward(self, forward_only: bool = False, source_stage=None,
+                          consumed: Optional[int] = None, num_microbatches: Optional[int] = None):
+        stage = source_stage or self.stage
+        num_microbatches = num_microbatches or self.num_microbatches
+        consumed = self.consumed_samples if consumed is None else consumed
+        batches = stage.micro_batches(consumed, num_microbatches)
+        data_iterator = [batches] if len(self.model) == 1 else [
+            stage.micro_batches(consumed, num_microbatches) for _ in self.model]
+        forward_backward = get_forward_backward_func()
+        return forward_backward(
+            forward_step_func=stage.forward_step,
+            data_iterator=data_iterator if len(self.model) > 1 else batches,
+            model=self.model if len(self.model) > 1 else self.model[0],
+            num_microbatches=num_microbatches,
+            seq_length=self.cfg.training.seq_length,
+            micro_batch_size=self.cfg.training.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def train_step(self) -> dict:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._forward_backward()
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if not update_ok:
+            raise FloatingPointError(f"iteration {self.iteration + 1}: optimizer step skipped "
+                                     "(non-finite gradients)")
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.consumed_samples += self.global_batch_size
+        for callback in self.callbacks:
+            callback.after_optimizer_step(self, self.iteration)
+        record = _reduce_loss_dicts(outputs)
+        record["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+        return record
+
+    @torch.no_grad()
+    def evaluate(self, source, num_microbatches: Optional[int] = None) -> Optional[float]:
+        """Mean next-token loss on `source` (a PretrainStage over validation data)."""
+        for chunk in self.model:
+            chunk.eval()
+        n = num_microbatches or self.cfg.training.eval_iters
+        outputs = self._forward_backward(forward_only=True, source_stage=source, consumed=0,
+                                         num_microbatches=n)
+        for chunk in self.model:
+            chunk.train()
+        return _reduce_loss_dicts(outputs).get("loss")
+
+    # ---------------------------------------------------------------- the loop
+    def _install_sigterm_handler(self) -> None:
+        if not self.cfg.training.exit_signal_handler:
+            return
+
+        def request_stop(signum, frame):
+            self._stop_requested = True
+
+        signal.signal(signal.SIGTERM, request_stop)
+
+    def _stop_agreed(self) -> bool:
+        """All ranks agree to stop if any received SIGTERM (SLURM signals ranks at different
+        times; a rank that stops alone would hang the others in the next collective)."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self) -> dict:
+        t, c = self.cfg.training, self.cfg.checkpoint
+        logger = MetricsLogger(c.save, t.train_iters, enabled=is_logging_rank(),
+                               resume_iteration=self.iteration)
+        self._install_sigterm_handler()
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        for chunk in self.model:
+            chunk.train()
+        tokens_in_window = 0
+        summary = {"first_loss": None, "last_loss": None, "start_iteration": self.iteration}
+        start = time.perf_counter()
+        while self.iteration < t.train_iters:
+            for callback in self.callbacks:
+                callback.on_iteration_start(self, self.iteration)
+            record = self.train_step()
+            logger.tick()
+            tokens_in_window += self.global_batch_size * t.seq_length
+            if summary["first_loss"] is None:
+                summary["first_loss"] = record.get("loss")
+            summary["last_loss"] = record.get("loss")
+            if self.iteration % t.log_interval == 0 or self.iteration == t.train_iters:
+                record.update(iteration=self.iteration, stage=self.stage.name,
+                              lr=self.optimizer.param_groups[0]["lr"],
+                              phase=self._phase(), consumed_samples=self.consumed_samples)
+                for callback in self.callbacks:
+                    record.update(callback.metrics(self))
+                if t.eval_interval and self.valid_source is not None \
+                        and self.iteration % t.eval_interval == 0:
+                    record["valid_loss"] = self.evaluate(self.valid_source)
+                logger.log(record, tokens_in_window)
+                tokens_in_window = 0
+            stop = self._stop_agreed()
+            if c.save and (stop or self.iteration == t.train_iters
+                           or (c.save_interval and self.iteration % c.save_interval == 0)):
+                self.save()
+            if stop:
+                if is_logging_rank():
+                    print(f"SIGTERM: saved iteration {self.iteration}, exiting", flush=True)
+                break
+        logger.close()
+        summary.update(iteration=self.iteration, wall_s=time.perf_counter() - start)
+        return summary
+
+    def _phase(self) -> Optional[str]:
+        source = getattr(self.stage, "data_source", None)
+        phase = getattr(source, "phase", None)
+        return phase(self.consumed_samples) if callable(phase) else None
+
+
+def _reduce_loss_dicts(outputs: list) -> dict:
+    """Average each metric over micro-batches (last PP stage), then over the DP group."""
+    if not outputs:
+        return {}
+    keys = outputs[0].keys()
+    means = torch.stack([torch.stack([o[k].float() for o in outputs]).mean() for k in keys])
+    dp_group = parallel_state.get_data_parallel_group()
+    if dist.get_world_size(dp_group) > 1:
+        dist.all_reduce(means, group=dp_group)
+        means /= dist.get_world_size(dp_group)
+    return {k: float(v) for k, v in zip(keys, means)}
