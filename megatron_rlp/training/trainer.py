@@ -115,8 +115,10 @@ class Trainer:
         return out
 
     def training_state(self) -> dict:
+        # The run config rides along so `load_model` / converters can rebuild the model.
         return {"consumed_samples": self.consumed_samples, "stage": self.stage.name,
-                **ckpt.training_state_layout(), **self.extra_state}
+                "config": self.cfg.to_flat_dict(), **ckpt.training_state_layout(),
+                **self.extra_state}
 
     def save(self) -> None:
         save = self.cfg.checkpoint.save
@@ -142,7 +144,7 @@ class Trainer:
         self.consumed_samples = int(state["consumed_samples"])
         self.extra_state = {k: v for k, v in state.items()
                             if k not in ("iteration", "consumed_samples", "format_version",
-                                         "layout", "stage")}
+                                         "layout", "stage", "config")}
 
     # ---------------------------------------------------------------- one step
     def _forward_backward(self, forward_only: bool = False, source_stage=None,

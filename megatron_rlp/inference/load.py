@@ -1,0 +1,66 @@
+"""Load a checkpoint of any TP/PP layout into one CPU process for evaluation or generation.
+
+dist_checkpointing reshards on load, so we build the model at TP=PP=1 in a world of one and let
+megatron gather the shards. The checkpoint's run config (saved by the trainer) gives the shape.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from megatron.core import dist_checkpointing
+
+from megatron_rlp.config import config_from_dict
+from megatron_rlp.training import checkpoint as ckpt
+
+
+class CausalLM(torch.nn.Module):
+    """`model(input_ids [b, s]) -> fp32 logits [b, s, vocab]` over a megatron MambaModel, with the
+    padded vocab rows cut off so logits match the tokenizer."""
+
+    def __init__(self, model: torch.nn.Module, vocab_size: int, config):
+        super().__init__()
+        self.model = model
+        self.vocab_size = vocab_size
+        self.run_config = config
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids, None, None)
+        return logits[..., : self.vocab_size].float()
+
+
+def saved_run_config(checkpoint_root: str, iteration: int | None = None):
+    iteration = ckpt.read_latest_iteration(checkpoint_root) if iteration is None else iteration
+    if iteration is None:
+        raise ValueError(f"{checkpoint_root!r} has no 'latest' file: not a megatron-rlp "
+                         "checkpoint directory")
+    common = dist_checkpointing.load_common_state_dict(ckpt.checkpoint_dir(checkpoint_root,
+                                                                            iteration))
+    flat = dict(common["training"]["config"])
+    return flat, iteration
+
+
+def single_process_config(flat: dict):
+    """The saved config re-targeted at one CPU process (TP=PP=1, fp32, no optimizer sharding)."""
+    flat = dict(flat)
+    flat.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                num_layers_per_virtual_pipeline_stage=None, sequence_parallel=False,
+                use_distributed_optimizer=False, bf16=False, save=None, load=None)
+    return config_from_dict(flat)
+
+
+def load_model(checkpoint_root: str) -> CausalLM:
+    if not os.path.isdir(checkpoint_root):
+        raise ValueError(f"checkpoint directory {checkpoint_root!r} does not exist")
+    from megatron_rlp.data.tokenizer import build_tokenizer
+    from megatron_rlp.models.hybrid import build_model
+    from megatron_rlp.training.distributed import init_distributed
+
+    flat, iteration = saved_run_config(checkpoint_root)
+    cfg = single_process_config(flat)
+    init_distributed(cfg.parallel, cfg.training.seed)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    model = build_model(cfg, tokenizer.vocab_size)
+    ckpt.load_checkpoint(checkpoint_root, [model], optimizer=None, load_rng=False,
+                         iteration=iteration)
+    return CausalLM(model, tokenizer.vocab_size, cfg).eval()
