@@ -133,7 +133,7 @@ def e2m1_codes_sr(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
           + (a >= 3.0) + (a >= 4.0) + (a >= 6.0))
     lo_v = e2m1_value(lo)
     hi_v = e2m1_value(torch.clamp(lo + 1, max=7))
-    inv_step = torch.where(lo < 2, 2.0, torch.where(lo < 4, 1.0, 0.5)).to(torch.float32)
+    inv_step = torch.where(lo < 4, 2.0, torch.where(lo < 6, 1.0, 0.5)).to(torch.float32)
     p = torch.where(lo == 7, 0.0, (a - lo_v) * inv_step)
     mag = lo + (u < p).to(torch.uint8)
     return mag | ((y < 0).to(torch.uint8) << 3)

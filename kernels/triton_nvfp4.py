@@ -173,7 +173,7 @@ def _quantize_kernel(x_ptr, g_ptr, q_ptr, s_ptr, M, K, stride_m, stride_k, seed,
         lo = ((ay >= 0.5).to(tl.int32) + (ay >= 1.0).to(tl.int32) + (ay >= 1.5).to(tl.int32)
               + (ay >= 2.0).to(tl.int32) + (ay >= 3.0).to(tl.int32) + (ay >= 4.0).to(tl.int32)
               + (ay >= 6.0).to(tl.int32))
-        inv_step = tl.where(lo < 2, 2.0, tl.where(lo < 4, 1.0, 0.5))
+        inv_step = tl.where(lo < 4, 2.0, tl.where(lo < 6, 1.0, 0.5))
         p = tl.where(lo == 7, 0.0, (ay - _e2m1_value(lo)) * inv_step)
         mag = lo + (u < p).to(tl.int32)
     else:
