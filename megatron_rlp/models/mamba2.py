@@ -75,6 +75,11 @@ NORM_EPS = 1e-5
 # ----------------------------------------------------------------------------------------------
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs; fp64 inputs stay fp64 (an oracle for tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _heads_per_group(h: int, g: int) -> int:
     assert h % g == 0, (h, g)  # validated by the mixer; internal invariant here
     return h // g
@@ -84,14 +89,15 @@ def ssd_step(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     state: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One step of the SSM recurrence (fp32).
+    """One step of the SSM recurrence (fp32, or fp64 for fp64 inputs).
 
     x [b,h,p], dt [b,h] (positive), A [h] (negative), B, C [b,g,n], state [b,h,p,n].
     Returns y [b,h,p] (without the D skip) and the new state.
     """
     h, g = x.shape[1], B.shape[1]
     k = _heads_per_group(h, g)
-    x, dt, A, B, C, state = (t.float() for t in (x, dt, A, B, C, state))
+    ct = _compute_dtype(x)
+    x, dt, A, B, C, state = (t.to(ct) for t in (x, dt, A, B, C, state))
     Bh = B.repeat_interleave(k, dim=1)  # [b,h,n]; head i reads group i // k
     Ch = C.repeat_interleave(k, dim=1)
     decay = torch.exp(dt * A)  # [b,h]
@@ -107,17 +113,18 @@ def ssd_scan_reference(
     """Obviously-right sequential recurrence, a loop over time in fp32. Slow; for tests."""
     b, L, h, p = x.shape
     n = B.shape[-1]
+    ct = _compute_dtype(x)
     state = (
-        torch.zeros(b, h, p, n, dtype=torch.float32, device=x.device)
-        if initial_state is None else initial_state.float()
+        torch.zeros(b, h, p, n, dtype=ct, device=x.device)
+        if initial_state is None else initial_state.to(ct)
     )
     ys = []
     for t in range(L):
         y_t, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
         ys.append(y_t)
-    y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, h, p, dtype=torch.float32)
+    y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, h, p, dtype=ct)
     if D is not None:
-        y = y + x.float() * D.float()[:, None]
+        y = y + x.to(ct) * D.to(ct)[:, None]
     return y.to(x.dtype), state
 
 
@@ -153,8 +160,8 @@ def ssd_scan_chunked(
     g, n = B.shape[-2:]
     k = _heads_per_group(h, g)
     T = chunk_size
-    out_dtype = x.dtype
-    x, dt, A, B, C = (t.float() for t in (x, dt, A, B, C))
+    out_dtype, ct = x.dtype, _compute_dtype(x)
+    x, dt, A, B, C = (t.to(ct) for t in (x, dt, A, B, C))
     pad = (-L) % T
     if pad:
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
@@ -178,8 +185,8 @@ def ssd_scan_chunked(
 
     # 3. inter-chunk recurrence over chunk boundaries (prepend the initial state as chunk "-1")
     if initial_state is None:
-        initial_state = torch.zeros(b, h, p, n, dtype=torch.float32, device=x.device)
-    states = torch.cat([initial_state.float()[:, None], states], dim=1)  # [b,c+1,h,p,n]
+        initial_state = torch.zeros(b, h, p, n, dtype=ct, device=x.device)
+    states = torch.cat([initial_state.to(ct)[:, None], states], dim=1)  # [b,c+1,h,p,n]
     chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # [b,h,c+1,c+1]
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
     states, final_state = states[:, :-1], states[:, -1]  # state entering each chunk; final
@@ -189,7 +196,7 @@ def ssd_scan_chunked(
     y_off = torch.einsum("bclgn,bcgkpn->bclgkp", Cc, states.reshape(b, c, g, k, p, n))
     y = (y_diag + y_off * decay_from_start).reshape(b, c * T, h, p)[:, :L]
     if D is not None:
-        y = y + x[:, :L] * D.float()[:, None]
+        y = y + x[:, :L] * D.to(ct)[:, None]
     return y.to(out_dtype), final_state
 
 
