@@ -40,12 +40,19 @@ def _blocks(m: int, k: int, block_2d: bool = False) -> tuple[int, int, int]:
 
 # --------------------------------------------------------------------------- jit helpers
 @triton.jit
-def _load_tile(x_ptr, M, K, stride_m, stride_k, pid_m, pid_k, BM: tl.constexpr, BK: tl.constexpr):
+def _load_tile(x_ptr, M, K, stride_m, stride_k, pid_m, pid_k, BM: tl.constexpr, BK: tl.constexpr,
+               IS_BF16: tl.constexpr):
+    """[BM, BK] fp32 tile. bf16 arrives as raw int16 bits and is widened by a shift: exact, and the
+    interpreter's own bf16 -> fp32 conversion is wrong for subnormals."""
     rows = pid_m * BM + tl.arange(0, BM)
     cols = pid_k * BK + tl.arange(0, BK)
     mask = (rows[:, None] < M) & (cols[None, :] < K)
     ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_m + cols[None, :].to(tl.int64) * stride_k
-    v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if IS_BF16:
+        raw = tl.load(ptrs, mask=mask, other=0).to(tl.int32)
+        v = ((raw & 0xFFFF) << 16).to(tl.float32, bitcast=True)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     return v, rows, cols, mask
 
 
@@ -112,12 +119,13 @@ def _e2m1_value(mag):
 # --------------------------------------------------------------------------- kernels
 @triton.jit
 def _amax_kernel(x_ptr, part_ptr, bad_ptr, M, K, stride_m, stride_k, n_k,
-                 RHT: tl.constexpr, ROUND_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
+                 RHT: tl.constexpr, IS_BF16: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    v, rows, cols, mask = _load_tile(x_ptr, M, K, stride_m, stride_k, pid_m, pid_k, BM, BK)
+    v, rows, cols, mask = _load_tile(x_ptr, M, K, stride_m, stride_k, pid_m, pid_k, BM, BK,
+                                     IS_BF16)
     if RHT:
-        v = _rht(v, BM, BK, ROUND_BF16)
+        v = _rht(v, BM, BK, IS_BF16)
     a = tl.abs(v)
     bad = ((v != v) | (a > _FLT_MAX)).to(tl.int32)                  # NaN or +-inf
     tl.store(part_ptr + pid_m * n_k + pid_k, tl.max(tl.max(a, axis=1), axis=0))
@@ -126,14 +134,15 @@ def _amax_kernel(x_ptr, part_ptr, bad_ptr, M, K, stride_m, stride_k, n_k,
 
 @triton.jit
 def _quantize_kernel(x_ptr, g_ptr, q_ptr, s_ptr, M, K, stride_m, stride_k, seed,
-                     RHT: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK_2D: tl.constexpr,
+                     RHT: tl.constexpr, IS_BF16: tl.constexpr, BLOCK_2D: tl.constexpr,
                      STOCHASTIC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     NB: tl.constexpr = BK // 16
-    v, rows, cols, mask = _load_tile(x_ptr, M, K, stride_m, stride_k, pid_m, pid_k, BM, BK)
+    v, rows, cols, mask = _load_tile(x_ptr, M, K, stride_m, stride_k, pid_m, pid_k, BM, BK,
+                                     IS_BF16)
     if RHT:
-        v = _rht(v, BM, BK, ROUND_BF16)
+        v = _rht(v, BM, BK, IS_BF16)
     sm = tl.load(g_ptr + 1)                     # S * fl(1/6)
     gds = tl.load(g_ptr + 2)                    # fl(1/S)
     poisoned = tl.load(g_ptr + 3).to(tl.int32)  # 1 if the global amax is not finite
@@ -226,16 +235,24 @@ def _dequantize_kernel(q_ptr, s_ptr, g_ptr, out_ptr, M, K, BM: tl.constexpr, BK:
 
 
 @triton.jit
-def _hadamard_kernel(x_ptr, out_ptr, M, K, stride_m, stride_k, ROUND_BF16: tl.constexpr,
+def _hadamard_kernel(x_ptr, out_ptr, M, K, stride_m, stride_k, IS_BF16: tl.constexpr,
                      BM: tl.constexpr, BK: tl.constexpr):
     v, rows, cols, mask = _load_tile(x_ptr, M, K, stride_m, stride_k,
-                                     tl.program_id(0), tl.program_id(1), BM, BK)
-    w = _rht(v, BM, BK, ROUND_BF16)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
-             w.to(out_ptr.dtype.element_ty), mask=mask)
+                                     tl.program_id(0), tl.program_id(1), BM, BK, IS_BF16)
+    w = _rht(v, BM, BK, IS_BF16)
+    optrs = out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :]
+    if IS_BF16:     # w is bf16-exact: store its top 16 bits (no interpreter cast involved)
+        tl.store(optrs, (w.to(tl.int32, bitcast=True) >> 16).to(tl.int16), mask=mask)
+    else:
+        tl.store(optrs, w, mask=mask)
 
 
 # --------------------------------------------------------------------------- launchers
+def _raw(x: torch.Tensor) -> torch.Tensor:
+    """bf16 tensors go in as int16 bit patterns (same strides); see ``_load_tile``."""
+    return x.view(torch.int16) if x.dtype == torch.bfloat16 else x
+
+
 def amax(x: torch.Tensor, *, rht: bool = False) -> torch.Tensor:
     """Global amax (fp32 0-dim) of x or its RHT; NaN when anything is non-finite."""
     m, k = x.shape
@@ -245,8 +262,8 @@ def amax(x: torch.Tensor, *, rht: bool = False) -> torch.Tensor:
     grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
     part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
     bad = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=x.device)
-    _amax_kernel[grid](x, part, bad, m, k, x.stride(0), x.stride(1), grid[1],
-                       RHT=rht, ROUND_BF16=x.dtype == torch.bfloat16, BM=bm, BK=bk, num_warps=nw)
+    _amax_kernel[grid](_raw(x), part, bad, m, k, x.stride(0), x.stride(1), grid[1],
+                       RHT=rht, IS_BF16=x.dtype == torch.bfloat16, BM=bm, BK=bk, num_warps=nw)
     a = part.amax()
     return torch.where(bad.amax() > 0, torch.full_like(a, float("nan")), a)
 
@@ -265,8 +282,8 @@ def quantize(x: torch.Tensor, *, block_2d: bool = False, rht: bool = False,
     if x.numel():
         bm, bk, nw = _blocks(m, k, block_2d)
         grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
-        _quantize_kernel[grid](x, g, data, scale, m, k, x.stride(0), x.stride(1), seed,
-                               RHT=rht, ROUND_BF16=rht and x.dtype == torch.bfloat16,
+        _quantize_kernel[grid](_raw(x), g, data, scale, m, k, x.stride(0), x.stride(1), seed,
+                               RHT=rht, IS_BF16=x.dtype == torch.bfloat16,
                                BLOCK_2D=block_2d, STOCHASTIC=stochastic, BM=bm, BK=bk,
                                num_warps=nw)
     return data, scale.view(torch.float8_e4m3fn), amax_t
@@ -314,6 +331,6 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     if out.numel():
         bm, bk, nw = _blocks(m, k)
         grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
-        _hadamard_kernel[grid](x, out, m, k, x.stride(0), x.stride(1),
-                               ROUND_BF16=x.dtype == torch.bfloat16, BM=bm, BK=bk, num_warps=nw)
+        _hadamard_kernel[grid](_raw(x), _raw(out), m, k, x.stride(0), x.stride(1),
+                               IS_BF16=x.dtype == torch.bfloat16, BM=bm, BK=bk, num_warps=nw)
     return out
