@@ -71,7 +71,7 @@ def parse_data_path(data_path: Sequence[str] | str) -> tuple[list[str], Optional
 
 
 def check_data_files(prefixes: Sequence[str]) -> None:
-    """Raise FileNotFoundError naming every missing .bin/.idx, ValueError for a foreign .idx."""
+    """FileNotFoundError naming every missing .bin/.idx; ValueError for a foreign .idx or no data."""
     missing = [p + ext for p in prefixes for ext in (".bin", ".idx") if not os.path.isfile(p + ext)]
     if missing:
         raise FileNotFoundError(
@@ -82,6 +82,9 @@ def check_data_files(prefixes: Sequence[str]) -> None:
             if f.read(len(_INDEX_HEADER)) != _INDEX_HEADER:
                 raise ValueError(f"{p}.idx is not a Megatron index file (bad header); rebuild it: "
                                  f"{_FIX}")
+        if os.path.getsize(p + ".bin") == 0:
+            # megatron-core would loop forever adding epochs of zero tokens to reach num_samples.
+            raise ValueError(f"{p}.bin holds no tokens; check the input it was built from")
 
 
 def ensure_helpers() -> None:

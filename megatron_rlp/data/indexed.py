@@ -115,5 +115,9 @@ def write_indexed_dataset(prefix: str, documents_token_lists: Iterable[Sequence[
 
 
 def read_indexed_dataset(prefix: str):
-    """Open `<prefix>.bin/.idx` with megatron-core's `IndexedDataset` (for tools and tests)."""
+    """Open `<prefix>.bin/.idx` with megatron-core's `IndexedDataset` (for tools and tests).
+
+    Keep the returned object alive while using arrays it returned: they view its memory map,
+    which its `__del__` closes (a read after that is a segmentation fault, not an exception).
+    """
     return import_indexed_dataset().IndexedDataset(prefix, multimodal=False, mmap=True)
