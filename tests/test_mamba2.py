@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.inference.contexts.static_context import StaticInferenceContext
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 
@@ -32,6 +33,7 @@ from megatron_rlp.models.mamba2 import (
     local_to_full,
     local_to_full_conv,
     local_to_full_in_proj,
+    packed_seq_idx,
     ssd_scan_chunked,
     ssd_scan_reference,
 )
@@ -197,10 +199,38 @@ def test_every_parameter_receives_a_gradient(tp1):
     assert u.grad.abs().max() > 0
 
 
-def test_packed_sequences_are_refused_clearly(tp1):
-    m = make_mixer()
-    with pytest.raises(NotImplementedError, match="packed sequences"):
-        m(torch.randn(4, 1, D_MODEL), packed_seq_params=object())
+def test_packed_documents_do_not_leak_state_into_each_other(tp1):
+    m = make_mixer(chunk_size=4)
+    randomize_small_params(m)
+    lengths = [5, 1, 4, 8, 3]  # boundaries inside chunks, on chunk edges, a 1-token document
+    u = torch.randn(sum(lengths), 1, D_MODEL)
+    cu = torch.tensor([0, 5, 6, 10, 18], dtype=torch.int32)  # last document runs to the end
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu)
+    with torch.no_grad():
+        packed, _ = m(u, packed_seq_params=params)
+        separate = torch.cat([m(part)[0] for part in torch.split(u, lengths)])
+        unpacked, _ = m(u)
+    assert (packed - separate).abs().max() <= 1e-5
+    assert (unpacked - separate).abs().max() > 1e-3  # without packing the state does leak
+    assert packed_seq_idx(params, 20).tolist() == [[0] * 5 + [1] + [2] * 4 + [3] * 8 + [4] * 2]
+
+
+def test_chunked_scan_with_document_ids_matches_reference_and_separate_runs():
+    x, dt, A, B, C, D = scan_inputs(2, 30, 4, 8, 2, 16, seed=4)
+    seq = torch.tensor([[0] * 7 + [1] * 9 + [2] * 14, [0] * 16 + [1] * 1 + [2] * 13])
+    init = torch.randn(2, 4, 8, 16)
+    y_ref, s_ref = ssd_scan_reference(x, dt, A, B, C, D, initial_state=init, seq_idx=seq)
+    y, s = ssd_scan_chunked(x, dt, A, B, C, 8, D, initial_state=init, seq_idx=seq)
+    assert (y - y_ref).abs().max() <= 1e-5 and (s - s_ref).abs().max() <= 1e-5
+    # batch row 0 document by document: initial state feeds only the first document
+    parts, state = [], init[:1]
+    for start, stop in ((0, 7), (7, 16), (16, 30)):
+        sl = slice(start, stop)
+        y_d, state = ssd_scan_reference(x[:1, sl], dt[:1, sl], A, B[:1, sl], C[:1, sl], D,
+                                        initial_state=state if start == 0 else None)
+        parts.append(y_d)
+    assert (torch.cat(parts, dim=1) - y[:1]).abs().max() <= 1e-5
+    assert (state - s[:1]).abs().max() <= 1e-5
 
 
 # ------------------------------------------------------------------------------------------------

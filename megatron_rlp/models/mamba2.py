@@ -28,7 +28,9 @@ TP layout: ``Mamba2Sizes``, ``full_to_local_in_proj``/``local_to_full_in_proj``,
 Init: ``init_full_parameters(sizes, d_model, ...)`` -> the full (TP=1) tensors every rank slices.
 Module: ``Mamba2MixerSubmodules(in_proj, out_proj)`` and ``Mamba2Mixer`` with
   - ``forward(hidden_states [s,b,d], inference_context=None, *, packed_seq_params=None)``
-    -> ``(out [s,b,d], out_bias or None)`` like MambaMixer (static inference contexts supported);
+    -> ``(out [s,b,d], out_bias or None)`` like MambaMixer (static inference contexts supported;
+    ``packed_seq_params.cu_seqlens_q[_padded]`` marks packed documents, and no conv or SSM state
+    crosses a document boundary: ``seq_idx`` in the conv and scan functions, ``packed_seq_idx``);
   - ``allocate_inference_state(batch, device=None, conv_dtype=None, ssm_dtype=torch.float32)``
     -> ``(conv_state [b, conv_dim, d_conv], ssm_state [b, h_local, p, n])`` zeros;
   - ``forward_with_state(hidden_states [s,b,d], conv_state=None, ssm_state=None)``
@@ -109,8 +111,12 @@ def ssd_step(
 def ssd_scan_reference(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     D: Optional[torch.Tensor] = None, initial_state: Optional[torch.Tensor] = None,
+    seq_idx: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Obviously-right sequential recurrence, a loop over time in fp32. Slow; for tests."""
+    """Obviously-right sequential recurrence, a loop over time in fp32. Slow; for tests.
+
+    ``seq_idx [b, l]`` (packed documents): the state is reset to zero wherever the document id
+    changes; the initial state belongs to the first document."""
     b, L, h, p = x.shape
     n = B.shape[-1]
     ct = _compute_dtype(x)
@@ -120,6 +126,9 @@ def ssd_scan_reference(
     )
     ys = []
     for t in range(L):
+        if seq_idx is not None and t > 0:
+            same_doc = (seq_idx[:, t] == seq_idx[:, t - 1]).to(ct)
+            state = state * same_doc[:, None, None, None]
         y_t, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
         ys.append(y_t)
     y = torch.stack(ys, dim=1) if ys else x.new_zeros(b, 0, h, p, dtype=ct)
@@ -145,7 +154,7 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
 def ssd_scan_chunked(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
     chunk_size: int, D: Optional[torch.Tensor] = None,
-    initial_state: Optional[torch.Tensor] = None,
+    initial_state: Optional[torch.Tensor] = None, seq_idx: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunked state-passing SSD scan (Mamba2 paper, Listing 1 "ssd_minimal"), fp32 math.
 
@@ -155,6 +164,10 @@ def ssd_scan_chunked(
     4. state-to-output: each position reads the state entering its chunk.
     ``l`` not divisible by ``chunk_size`` is padded with dt = 0, which leaves the state unchanged
     (decay exp(0) = 1, input dt x = 0), so the returned final state is the one at position l.
+
+    ``seq_idx [b, l]`` (packed documents, each id one contiguous run, non-decreasing): every decay
+    factor linking two positions of different documents is zeroed, so no state crosses a boundary;
+    the initial state belongs to the first document and the final state is the last document's.
     """
     b, L, h, p = x.shape
     g, n = B.shape[-2:]
@@ -171,15 +184,26 @@ def ssd_scan_chunked(
     Cc = C.reshape(b, c, T, g, n)
     a = (dt * A).reshape(b, c, T, h).permute(0, 3, 1, 2)  # [b,h,c,T] log-decay per step
     a_cum = a.cumsum(dim=-1)
+    if seq_idx is not None:
+        seq = seq_idx.to(torch.long)
+        if pad:
+            seq = torch.cat([seq, seq[:, -1:].expand(b, pad)], dim=1)
+        seq = seq.reshape(b, c, T)
+        doc_end = seq[:, :, -1]  # [b,c] document at each chunk's end
+        doc_in = torch.cat([seq[:, :1, 0], doc_end], dim=1)  # [b,c+1] initial state, chunk ends
 
     # 1. intra-chunk (diagonal blocks): y_l = sum_{s<=l} (C_l . B_s) exp(a_{s+1..l}) X_s
     decay = torch.exp(segsum(a)).permute(0, 2, 1, 3, 4).reshape(b, c, g, k, T, T)  # [.., l, s]
     CB = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
+    if seq_idx is not None:
+        decay = decay * (seq[:, :, :, None] == seq[:, :, None, :])[:, :, None, None]
     scores = CB[:, :, :, None] * decay  # [b,c,g,k,l,s]
     y_diag = torch.einsum("bcgkls,bcsgkp->bclgkp", scores, X)
 
     # 2. chunk states: S_c = sum_s exp(a_{s+1..T}) X_s B_s^T
     decay_to_end = torch.exp(a_cum[..., -1:] - a_cum).permute(0, 2, 3, 1)  # [b,c,T,h]
+    if seq_idx is not None:
+        decay_to_end = decay_to_end * (seq == doc_end[..., None])[..., None]
     Xd = X * decay_to_end.reshape(b, c, T, g, k, 1)
     states = torch.einsum("bcsgkp,bcsgn->bcgkpn", Xd, Bc).reshape(b, c, h, p, n)
 
@@ -188,11 +212,15 @@ def ssd_scan_chunked(
         initial_state = torch.zeros(b, h, p, n, dtype=ct, device=x.device)
     states = torch.cat([initial_state.to(ct)[:, None], states], dim=1)  # [b,c+1,h,p,n]
     chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # [b,h,c+1,c+1]
+    if seq_idx is not None:
+        chunk_decay = chunk_decay * (doc_in[:, None, :, None] == doc_in[:, None, None, :])
     states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
     states, final_state = states[:, :-1], states[:, -1]  # state entering each chunk; final
 
     # 4. off-diagonal contribution: y_l += exp(a_{1..l}) C_l . S_in
     decay_from_start = torch.exp(a_cum).permute(0, 2, 3, 1).reshape(b, c, T, g, k, 1)
+    if seq_idx is not None:
+        decay_from_start = decay_from_start * (seq == doc_in[:, :-1, None]).reshape(b, c, T, 1, 1, 1)
     y_off = torch.einsum("bclgn,bcgkpn->bclgkp", Cc, states.reshape(b, c, g, k, p, n))
     y = (y_diag + y_off * decay_from_start).reshape(b, c * T, h, p)[:, :L]
     if D is not None:
@@ -207,13 +235,15 @@ def ssd_scan_chunked(
 
 def causal_depthwise_conv1d(
     xBC: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-    conv_state: Optional[torch.Tensor] = None,
+    conv_state: Optional[torch.Tensor] = None, seq_idx: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Causal depthwise conv (no activation) over ``xBC [b, conv_dim, l]``.
 
     ``weight [conv_dim, 1, d_conv]``; ``conv_state [b, conv_dim, d_conv]`` holds the previous
     d_conv raw inputs (newest last; zeros = start of sequence). Returns ``(out [b,conv_dim,l],
     new_conv_state)`` where the new state is the last d_conv raw inputs.
+    With ``seq_idx [b, l]`` (packed documents) a tap reading another document contributes zero,
+    and the returned state keeps only the last document's inputs.
     """
     d_conv = weight.shape[-1]
     if conv_state is None:
@@ -221,9 +251,19 @@ def causal_depthwise_conv1d(
     else:
         history = conv_state.to(xBC.dtype)
     full = torch.cat([history, xBC], dim=-1)  # [b, conv_dim, d_conv + l]
-    out = F.conv1d(full[..., 1:], weight.to(xBC.dtype), None if bias is None else bias.to(xBC.dtype),
-                   groups=xBC.shape[1])
-    return out, full[..., -d_conv:].clone()
+    w = weight.to(xBC.dtype)
+    if seq_idx is None:
+        out = F.conv1d(full[..., 1:], w, None if bias is None else bias.to(xBC.dtype),
+                       groups=xBC.shape[1])
+        return out, full[..., -d_conv:].clone()
+    L = xBC.shape[-1]
+    seq_full = torch.cat([seq_idx[:, :1].expand(-1, d_conv), seq_idx], dim=1)  # history: 1st doc
+    out = torch.zeros_like(xBC) if bias is None else bias.to(xBC.dtype)[None, :, None].expand_as(xBC)
+    for k in range(d_conv):  # tap k reads full position t + 1 + k (= input t - (d_conv-1) + k)
+        same_doc = (seq_full[:, 1 + k:1 + k + L] == seq_idx)[:, None, :]
+        out = out + w[None, :, 0, k, None] * full[..., 1 + k:1 + k + L] * same_doc
+    state_mask = (seq_full[:, -d_conv:] == seq_idx[:, -1:])[:, None, :]
+    return out, full[..., -d_conv:] * state_mask
 
 
 def conv_step(
@@ -484,6 +524,18 @@ def _cuda_kernels():
 # ----------------------------------------------------------------------------------------------
 
 
+def packed_seq_idx(packed_seq_params, total_tokens: int) -> torch.Tensor:
+    """Document id per token ``[1, total_tokens]`` from ``cu_seqlens_q_padded`` (or
+    ``cu_seqlens_q``), e.g. [0, 5, 7] with 9 tokens -> [0,0,0,0,0,1,1,2,2]; tokens past the last
+    boundary form one more document (megatron MambaMixer._create_packed_seq_idx semantics)."""
+    cu = packed_seq_params.cu_seqlens_q_padded
+    if cu is None:
+        cu = packed_seq_params.cu_seqlens_q
+    cu = torch.cat([cu.to(torch.long), torch.tensor([total_tokens], device=cu.device)])
+    lengths = (cu[1:] - cu[:-1]).clamp(min=0)
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)[None]
+
+
 @dataclass
 class Mamba2MixerSubmodules:
     """Specs of the input (column-parallel) and output (row-parallel) projections."""
@@ -636,17 +688,18 @@ class Mamba2Mixer(MegatronModule):
         """hidden_states [s, b, d_model] (sequence-parallel shard if SP) -> (out, out_bias)."""
         if inference_context is None:
             inference_context = inference_params
-        if packed_seq_params is not None:
-            raise NotImplementedError(
-                "Mamba2Mixer: packed sequences (packed_seq_params) are not supported yet; "
-                "feed one document per sequence or reset_position_ids/attention-free packing off")
         if inference_context is not None and not self.training:
+            if packed_seq_params is not None:
+                raise NotImplementedError("Mamba2Mixer: packed sequences in inference mode")
             return self._static_inference(hidden_states, inference_context)
         zxBCdt, _ = self.in_proj(hidden_states)
-        y, _, _ = self._ssm(zxBCdt)
+        seq_idx = None
+        if packed_seq_params is not None:
+            seq_idx = packed_seq_idx(packed_seq_params, zxBCdt.shape[0]).expand(zxBCdt.shape[1], -1)
+        y, _, _ = self._ssm(zxBCdt, seq_idx=seq_idx)
         return self.out_proj(y)
 
-    def _ssm(self, zxBCdt, conv_state=None, ssm_state=None, want_state=False):
+    def _ssm(self, zxBCdt, conv_state=None, ssm_state=None, want_state=False, seq_idx=None):
         """zxBCdt [l, b, proj_local] -> (y [l, b, d_inner_local], conv_state, ssm_state)."""
         L, b, _ = zxBCdt.shape
         zxBCdt = zxBCdt.transpose(0, 1)  # [b, l, .]
@@ -655,13 +708,13 @@ class Mamba2Mixer(MegatronModule):
         kernels = _cuda_kernels() if (zxBCdt.is_cuda and self.use_fast_kernels) else None
 
         xBC = xBC.transpose(1, 2)  # [b, conv_dim, l]
-        if kernels is not None and conv_state is None:
+        if kernels is not None and conv_state is None and seq_idx is None:
             new_conv_state = F.pad(xBC, (self.d_conv - L, 0)) if want_state else None
             xBC = kernels[0](xBC.contiguous(), self.conv1d.weight[:, 0, :], self.conv1d.bias,
                              activation="silu")
         else:
             xBC, new_conv_state = causal_depthwise_conv1d(xBC, self.conv1d.weight, self.conv1d.bias,
-                                                          conv_state)
+                                                          conv_state, seq_idx=seq_idx)
             xBC = self.act(xBC)
         xBC = xBC.transpose(1, 2)  # [b, l, conv_dim]
         gn = self.ngroups_local_tp * self.d_state
@@ -673,13 +726,15 @@ class Mamba2Mixer(MegatronModule):
 
         if kernels is not None:
             result = kernels[1](
-                x, dt, A, B, C, self.chunk_size, D=self.D, z=None, dt_bias=self.dt_bias.float(),
-                dt_softplus=True, initial_states=ssm_state, return_final_states=want_state)
+                x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), self.chunk_size,
+                D=self.D, z=None, dt_bias=self.dt_bias.float(), dt_softplus=True,
+                initial_states=ssm_state, return_final_states=want_state,
+                seq_idx=None if seq_idx is None else seq_idx.to(torch.int32).contiguous())
             y, new_ssm_state = result if want_state else (result, None)
         else:
             dt = F.softplus(dt.float() + self.dt_bias.float())
             y, new_ssm_state = ssd_scan_chunked(x, dt, A, B, C, self.chunk_size, D=self.D,
-                                                initial_state=ssm_state)
+                                                initial_state=ssm_state, seq_idx=seq_idx)
         y = y.reshape(b, L, self.d_inner_local_tp).transpose(0, 1)  # [l, b, d_inner]
         y = self.norm(y, z.transpose(0, 1))
         return y, new_conv_state, new_ssm_state
