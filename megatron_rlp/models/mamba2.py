@@ -18,14 +18,19 @@ Public API
 ----------
 Scan kernels (fp32 math, inputs ``x [b,l,h,p]``, ``dt [b,l,h]`` already softplus'ed, ``A [h]``
 negative, ``B, C [b,l,g,n]``; both return ``(y [b,l,h,p], final_state [b,h,p,n])``):
-  - ``ssd_scan_reference(x, dt, A, B, C, D=None, initial_state=None)``: the sequential recurrence.
-  - ``ssd_scan_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None)``: ssd_minimal's
-    chunked state-passing algorithm; pads ``l`` up to a multiple of ``chunk_size``.
+  - ``ssd_scan_reference(x, dt, A, B, C, D=None, initial_state=None, seq_idx=None)``: the
+    sequential recurrence.
+  - ``ssd_scan_chunked(x, dt, A, B, C, chunk_size, D=None, initial_state=None, seq_idx=None)``:
+    ssd_minimal's chunked state-passing algorithm; pads ``l`` up to a multiple of ``chunk_size``.
+    ``seq_idx [b,l]``: document ids of packed sequences (state resets at each new document).
   - ``ssd_step(x, dt, A, B, C, state)`` one recurrence step (``x [b,h,p]`` ...) -> ``(y, state)``.
 Conv and norm: ``causal_depthwise_conv1d``, ``conv_step``, ``gated_rms_norm``, ``GatedRMSNorm``.
 TP layout: ``Mamba2Sizes``, ``full_to_local_in_proj``/``local_to_full_in_proj``,
 ``full_to_local_conv``/``local_to_full_conv`` and the generic ``full_to_local``/``local_to_full``.
-Init: ``init_full_parameters(sizes, d_model, ...)`` -> the full (TP=1) tensors every rank slices.
+Init: ``init_full_parameters(sizes, d_model, seed=, layer_number=, ...)`` -> the full (TP=1) tensors,
+seeded by (``config.init_seed`` or 1234, global layer number) only, so init is identical for every
+TP/PP layout; ``local_parameters(full, tp_rank, tp_size, sizes)`` -> one rank's slices.
+Checkpoint: ``split_sharded_tensor`` (megatron's per-component split); packing: ``packed_seq_idx``.
 Module: ``Mamba2MixerSubmodules(in_proj, out_proj)`` and ``Mamba2Mixer`` with
   - ``forward(hidden_states [s,b,d], inference_context=None, *, packed_seq_params=None)``
     -> ``(out [s,b,d], out_bias or None)`` like MambaMixer (static inference contexts supported;
@@ -626,7 +631,8 @@ class Mamba2Mixer(MegatronModule):
 
         # Parameters are created without an explicit device when use_cpu_initialization (so a
         # surrounding `torch.device("meta")` context applies); else on the current CUDA device.
-        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        device = (torch.cuda.current_device()
+                  if not config.use_cpu_initialization and torch.cuda.is_available() else None)
         dtype = config.params_dtype
 
         self.in_proj = build_module(
