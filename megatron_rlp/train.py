@@ -22,6 +22,12 @@ CALLBACK_FACTORIES: List[Callable] = []
 DATA_SOURCE_BUILDERS: List[Callable] = []
 MODEL_SPEC_HOOKS: List[Callable] = []
 
+# Under `python -m megatron_rlp.train` this file runs as `__main__`; extensions register with
+# `from megatron_rlp import train`, which would otherwise import a second copy whose registries
+# main() never reads. Alias the running module so both names are the same object.
+if __name__ == "__main__":
+    sys.modules.setdefault("megatron_rlp.train", sys.modules[__name__])
+
 
 def _import_extensions() -> None:
     """Import feature packages that register sections/stages, if they are present."""
