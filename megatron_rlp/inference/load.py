@@ -52,6 +52,10 @@ def single_process_config(flat: dict):
 def load_model(checkpoint_root: str) -> CausalLM:
     if not os.path.isdir(checkpoint_root):
         raise ValueError(f"checkpoint directory {checkpoint_root!r} does not exist")
+    from megatron_rlp.hf.import_ import is_hf_dir, load_hf_model
+
+    if is_hf_dir(checkpoint_root):  # a Hugging Face NemotronH directory (safetensors only)
+        return load_hf_model(checkpoint_root)
     from megatron_rlp.data.tokenizer import build_tokenizer
     from megatron_rlp.models.hybrid import build_model
     from megatron_rlp.training.distributed import init_distributed
