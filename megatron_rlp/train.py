@@ -215,7 +215,18 @@ def run_training(cfg: RunConfig) -> dict:
     return summary
 
 
+def _quiet_known_import_warnings() -> None:
+    """megatron-core warns at import about every missing optional CUDA extension (TE, Apex);
+    on a CPU that is expected, and the noise hides the progress lines."""
+    import warnings
+
+    for pattern in (".*Transformer Engine and Apex.*", ".*Apex is not installed.*",
+                    ".*tp_group is None.*", ".*torch.jit.script_method.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def main(argv: Optional[list] = None) -> int:
+    _quiet_known_import_warnings()
     _import_extensions()
     try:
         cfg = parse_args(argv)
