@@ -49,13 +49,20 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def tp1():
-    """A world-size-1 gloo group with megatron's model-parallel state at TP=1, PP=1."""
-    if not torch.distributed.is_initialized():
+    """A world-size-1 gloo group with megatron's model-parallel state at TP=1, PP=1; what this
+    fixture sets up it tears down, so later in-process runs start clean."""
+    made_group = not torch.distributed.is_initialized()
+    if made_group:
         torch.distributed.init_process_group(
             "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
-    if not parallel_state.model_parallel_is_initialized():
+    made_mp = not parallel_state.model_parallel_is_initialized()
+    if made_mp:
         parallel_state.initialize_model_parallel(1, 1)
     yield
+    if made_mp:
+        parallel_state.destroy_model_parallel()
+    if made_group:
+        torch.distributed.destroy_process_group()
 
 
 def make_config(heads=4, head_dim=8, groups=2, state=8, **overrides):
