@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import collections
 import gzip
+import itertools
 import json
 import multiprocessing
 import os
@@ -81,43 +82,44 @@ def _init_worker(tokenizer_type: str, tokenizer_model: Optional[str], json_keys:
                   dtype=np.dtype(dtype_name))
 
 
-def _encode_chunk(chunk: list[tuple[int, bytes]]) -> list[tuple]:
-    """[(line number, raw line)] → [("ok", lineno, [ids per key]) | ("err", lineno, reason)]."""
+def _encode_chunk(chunk: list[tuple[int, bytes]]) -> tuple[list, list]:
+    """[(line number, raw line)] → (errors [(lineno, reason)], [(tokens, lengths) per key]).
+
+    The documents of a chunk travel back as one flat array plus their lengths per key: pickling
+    thousands of small arrays would cost the parent more than writing them.
+    """
     tok, keys, eod, dtype = _STATE["tokenizer"], _STATE["keys"], _STATE["eod"], _STATE["dtype"]
-    results, texts = [], {k: [] for k in keys}
+    errors, texts = [], {k: [] for k in keys}
     for lineno, raw in chunk:
         if not raw.strip():
             continue
         try:
             doc = json.loads(raw)  # bytes: decoded as UTF-8, errors raise ValueError
         except ValueError as e:
-            results.append(("err", lineno, f"not valid JSON ({e})"))
+            errors.append((lineno, f"not valid JSON ({e})"))
             continue
         if not isinstance(doc, dict):
-            results.append(("err", lineno, f"expected a JSON object, got {type(doc).__name__}"))
+            errors.append((lineno, f"expected a JSON object, got {type(doc).__name__}"))
             continue
         bad = [k for k in keys if not isinstance(doc.get(k), str)]
         if bad:
             k = bad[0]
             what = "missing" if k not in doc else f"of type {type(doc[k]).__name__}, not a string"
-            results.append(("err", lineno, f"key {k!r} is {what}"))
+            errors.append((lineno, f"key {k!r} is {what}"))
             continue
-        results.append(("ok", lineno, None))
         for k in keys:
             texts[k].append(doc[k])
-    encoded = {k: tok.encode_batch(texts[k]) for k in keys}
-    n = 0
-    for i, (status, lineno, _) in enumerate(results):
-        if status == "ok":
-            per_key = []
-            for k in keys:
-                ids = encoded[k][n]
-                if eod is not None:
-                    ids.append(eod)
-                per_key.append(np.asarray(ids, dtype=dtype))
-            results[i] = ("ok", lineno, per_key)
-            n += 1
-    return results
+    per_key = []
+    for k in keys:
+        ids = tok.encode_batch(texts[k])
+        if eod is not None:
+            for doc_ids in ids:
+                doc_ids.append(eod)
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype,
+                           count=int(lengths.sum()))
+        per_key.append((flat, lengths))
+    return errors, per_key
 
 
 class _InputReader:
@@ -147,7 +149,7 @@ class _InputReader:
         self.raw.close()
 
 
-def _ordered_results(chunks: Iterator, workers: int, initargs: tuple) -> Iterator[list[tuple]]:
+def _ordered_results(chunks: Iterator, workers: int, initargs: tuple) -> Iterator[tuple]:
     """Encoded chunks in input order; at most 4 chunks per worker in flight (bounded memory)."""
     if workers == 1:
         _init_worker(*initargs)
@@ -226,24 +228,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                     desc="preprocess", disable=None)
     ordered = _ordered_results(reader.chunks(args.chunk_lines), args.workers, initargs)
     try:
-        for results in ordered:
-            for status, lineno, payload in results:
-                if status == "err":
-                    where = f"{args.input}:{lineno}: {payload}"
-                    if args.on_error == "fail":
-                        for w in writers:
-                            w.discard()
-                        _remove_empty(created)
-                        return _fail(f"{where}; fix the line or pass --on-error skip "
-                                     f"(no output was written)")
-                    skipped.append(where)
-                    if len(skipped) <= MAX_REPORTED_SKIPS:
-                        progress.write(f"warning: skipped {where}", file=sys.stderr)
-                    continue
-                for w, ids in zip(writers, payload):
-                    w.add(ids)
-                documents += 1
-                tokens += int(payload[0].size)
+        for errors, per_key in ordered:
+            for lineno, reason in errors:
+                where = f"{args.input}:{lineno}: {reason}"
+                if args.on_error == "fail":
+                    for w in writers:
+                        w.discard()
+                    _remove_empty(created)
+                    return _fail(f"{where}; fix the line or pass --on-error skip "
+                                 f"(no output was written)")
+                skipped.append(where)
+                if len(skipped) <= MAX_REPORTED_SKIPS:
+                    progress.write(f"warning: skipped {where}", file=sys.stderr)
+            for w, (flat, lengths) in zip(writers, per_key):
+                w.add_many(flat, lengths)
+            documents += len(per_key[0][1])
+            tokens += int(per_key[0][0].size)
             progress.update(reader.position() - progress.n)
         for w in writers:
             w.finalize()

@@ -67,6 +67,22 @@ class IndexedWriter:
         self.num_docs += 1
         self.num_tokens += int(arr.size)
 
+    def add_many(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        """Add len(lengths) documents stored back to back in `flat` (one range check for all)."""
+        flat = np.asarray(flat)
+        if flat.size and (flat.min() < 0 or flat.max() > self._max):
+            raise ValueError(f"token ids must lie in [0, {self._max}] for dtype "
+                             f"{np.dtype(self.dtype).name}; got [{flat.min()}, {flat.max()}]")
+        flat = flat.astype(self.dtype, copy=False)
+        start = 0
+        for n in np.asarray(lengths).tolist():
+            self._builder.add_document(flat[start:start + n], [n])
+            start += n
+        if start != flat.size:
+            raise ValueError(f"lengths sum to {start} but {flat.size} tokens were given")
+        self.num_docs += len(lengths)
+        self.num_tokens += int(flat.size)
+
     def finalize(self) -> str:
         self._builder.finalize(self._tmp_idx)
         bin_path, idx_path = f"{self.prefix}.bin", f"{self.prefix}.idx"
