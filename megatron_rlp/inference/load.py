@@ -42,6 +42,10 @@ def saved_run_config(checkpoint_root: str, iteration: int | None = None):
 
 def single_process_config(flat: dict):
     """The saved config re-targeted at one CPU process (TP=PP=1, fp32, no optimizer sharding)."""
+    # The saved config holds extension sections' keys (e.g. data_phases); register them first.
+    from megatron_rlp.train import _import_extensions
+
+    _import_extensions()
     flat = dict(flat)
     flat.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                 num_layers_per_virtual_pipeline_stage=None, sequence_parallel=False,
