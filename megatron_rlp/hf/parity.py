@@ -60,7 +60,8 @@ def compare(ours, hf_model, input_ids: torch.Tensor) -> List[dict]:
         hooks.append(hf_module.register_forward_hook(keep(captured_hf, name, False)))
     try:
         logits_ours = ours(input_ids)
-        logits_hf = hf_model(input_ids).logits.float()
+        # use_cache=False: transformers 5.x fails to build a cache for an all-Mamba model.
+        logits_hf = hf_model(input_ids, use_cache=False).logits.float()
     finally:
         for h in hooks:
             h.remove()
