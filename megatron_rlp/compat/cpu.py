@@ -71,8 +71,14 @@ class CudaToCpuMode(TorchFunctionMode):
 def patch_cuda_device_queries() -> None:
     """`torch.cuda.current_device()` / `synchronize()` are called at buffer creation, in DDP, p2p
     communication and `dist_checkpointing/strategies/filesystem_async.py`. Without CUDA they raise;
-    we answer device 0 (mapped to the CPU by `CudaToCpuMode`) and make synchronisation a no-op."""
-    torch.cuda.current_device = lambda: 0
+    we answer the CPU device and make synchronisation a no-op.
+
+    The answer must be `torch.device("cpu")`, not 0 left for `CudaToCpuMode` to map: a mode is
+    popped while its own handler runs, so the whole backward pass (entered via
+    `torch.autograd.backward`, which dispatches to the mode) runs without it, and the
+    sequence-parallel buffers that `tensor_parallel/layers.py` / `mappings.py` allocate there with
+    `device=torch.cuda.current_device()` would ask for a real accelerator."""
+    torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.device_count = lambda: 0
 

@@ -11,6 +11,7 @@ caller (see `megatron_rlp.training.distributed`).
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Optional
 
 import torch
@@ -94,7 +95,7 @@ def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: bool = True,
 
     config = transformer_config(cfg)
     kwargs = {"vp_stage": vp_stage} if vp_stage is not None else {}
-    return MambaModel(
+    model = MambaModel(
         config=config,
         mamba_stack_spec=stack_spec or hybrid_stack_spec(),
         vocab_size=padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by,
@@ -107,3 +108,61 @@ def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: bool = True,
         position_embedding_type="none",
         **kwargs,
     )
+    layout_invariant_init(model, config)
+    return model
+
+
+# Parameters that megatron initialises with `output_layer_init_method` (std / sqrt(2 * layers)).
+_SCALED_INIT_SUFFIXES = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+
+
+def _global_name(name: str, layers) -> str:
+    """`decoder.layers.<local i>.…` → `decoder.layers.<global i>.…` (layer_number is global)."""
+    match = name.split(".")
+    if len(match) > 2 and match[0] == "decoder" and match[1] == "layers":
+        match[2] = str(layers[int(match[2])].layer_number - 1)
+    return ".".join(match)
+
+
+@torch.no_grad()
+def layout_invariant_init(model: MambaModel, config: TransformerConfig) -> None:
+    """Redraw every matrix from a generator seeded by (seed, *global* parameter name), drawing the
+    full TP=1 tensor and keeping this rank's slice.
+
+    megatron's CPU init draws full weights from the global generator in construction order, so it
+    is TP-invariant but not PP-invariant (stage 1 starts from the seed again) and any change in
+    what is built before a layer shifts its numbers. After this, a TP×PP×DP run starts from
+    exactly the weights of the one-process run. Norm weights (ones) and the Mamba2 mixer (which
+    already seeds by global layer, see `mamba2.init_full_parameters`) are left as built.
+    """
+    if not config.perform_initialization:
+        return
+    from megatron.core import parallel_state
+
+    from .mamba2 import Mamba2Mixer
+
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    layers = model.decoder.layers
+    skip = {id(p) for module in model.modules() if isinstance(module, Mamba2Mixer)
+            for p in module.parameters()}
+    seed = int(getattr(config, "init_seed", 1234))
+    for name, param in model.named_parameters():
+        if id(param) in skip or param.dim() < 2 or param.is_meta:
+            continue
+        full_shape = list(param.shape)
+        split_dim = None
+        if getattr(param, "tensor_model_parallel", False):
+            split_dim = param.partition_dim
+            assert getattr(param, "partition_stride", 1) == 1, name  # no GLU interleave here
+            full_shape[split_dim] *= tp_size
+        global_name = _global_name(name, layers)
+        init = (config.output_layer_init_method if global_name.endswith(_SCALED_INIT_SUFFIXES)
+                else config.init_method)
+        full = torch.empty(full_shape, dtype=torch.float32)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(f"{seed}:{global_name}".encode()))
+            init(full)
+        if split_dim is not None:
+            full = torch.chunk(full, tp_size, dim=split_dim)[tp_rank]
+        param.copy_(full.to(param.dtype))

@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import List
 
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                       finalize_model_grads)
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -31,6 +32,11 @@ def wrap_model(cfg: RunConfig, chunks: List[torch.nn.Module]) -> List[Distribute
             config=chunk.config, ddp_config=ddp_config, module=chunk,
             # Only the first chunk's buckets may skip the pre-forward all-gather.
             disable_bucketing=index > 0))
+    # The schedules call this after the last backward: DP all-reduce (or reduce-scatter for the
+    # distributed optimizer), TP all-reduce of sequence-parallel norm grads, PP embedding sync.
+    # Megatron-LM's training.py sets it; without it each DP rank silently steps on its own grads.
+    for chunk in wrapped:
+        chunk.config.finalize_model_grads_func = finalize_model_grads
     return wrapped
 
 

@@ -80,7 +80,9 @@ class PretrainStage:
     def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
         loss_mask = loss_mask.float()
         loss = (per_token_loss.float() * loss_mask).sum() / loss_mask.sum().clamp(min=1)
-        return loss, {"loss": loss.detach()}
+        # clone: megatron's schedule divides the returned loss by the micro-batch count *in
+        # place*, and a plain detach() shares its storage.
+        return loss, {"loss": loss.detach().clone()}
 
 
 class Trainer:
