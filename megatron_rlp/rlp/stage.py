@@ -28,7 +28,8 @@ from megatron_rlp.training.trainer import Callback
 from . import config as _config  # noqa: F401  (registers the `rlp` section)
 from .ema import EMATeacher
 from .flops import ntp_equivalent_tokens
-from .objective import clipped_surrogate, group_advantages, k3_kl
+from . import objective
+from .objective import group_advantages, k3_kl
 from .reward import (gathered_logits, info_gain_reward, rpt_reward, token_bytes_table,
                      token_logprobs)
 from .rollout import make_rollout, split_template
@@ -37,6 +38,40 @@ _SUM_KEYS = ("reward_sum", "reward_sq_sum", "rewards", "reward_pos", "equal_rewa
              "groups", "thought_len_sum", "thoughts", "stopped", "clip_tokens", "tokens",
              "sampler_kl_sum", "rollout_tokens", "rollout_s", "reward_s", "context_tokens",
              "row_tokens")
+
+
+def rollout_rewards(batch, logits: torch.Tensor, rcfg, vocab_size: int, token_bytes=None
+                    ) -> torch.Tensor:
+    """[N] rewards from the training forward's logits at x_t (detached, temperature 1)."""
+    n = logits.shape[0]
+    rows = torch.arange(n, device=logits.device)
+    at_target = logits[rows, batch.target_pos.to(logits.device)].detach()  # [N, V/tp]
+    g = batch.num_thoughts
+    if rcfg.rlp_reward == "info_gain":
+        targets = batch.targets.to(logits.device).repeat_interleave(g)
+        logp = token_logprobs(at_target, targets, vocab_size)
+        return info_gain_reward(logp, batch.teacher_logp.to(logits.device).repeat_interleave(g))
+    pred = gathered_logits(at_target, vocab_size).argmax(dim=-1).tolist()
+    out = [rpt_reward(token_bytes[token], [token_bytes[i] for i in batch.truth[r // g]])
+           for r, token in enumerate(pred)]
+    return torch.tensor(out, device=logits.device)
+
+
+def rlp_loss(logits: torch.Tensor, batch, rcfg, vocab_size: int, token_bytes=None):
+    """The stage's loss on one micro-batch: logits [N, L, V/tp] of the training forward ->
+    (loss, rewards [N], group metrics, surrogate metrics, detached thought log-probs [N, L])."""
+    dev = logits.device
+    mask = batch.thought_mask.to(dev)
+    logp = token_logprobs(logits, batch.labels.to(dev), vocab_size, rcfg.rlp_temperature) * mask
+    rewards = rollout_rewards(batch, logits, rcfg, vocab_size, token_bytes)
+    adv, gm = group_advantages(rewards.view(-1, batch.num_thoughts))
+    ref = batch.ref_logp.to(dev) if batch.ref_logp is not None else None
+    # Behaviour log-probs = this training forward's own, detached (one update per rollout), never
+    # the cached decoder's sampler log-probs.
+    loss, sm = objective.clipped_surrogate(logp, logp.detach(), adv.reshape(-1), mask,
+                                           rcfg.rlp_clip_eps_low, rcfg.rlp_clip_eps_high,
+                                           rcfg.rlp_kl_beta, ref)
+    return loss, rewards, gm, sm, logp.detach()
 
 
 class RLPStage:
@@ -87,36 +122,10 @@ class RLPStage:
         logits = model(batch.tokens.to(self.device), None, None)       # [N, L, V/tp]
         return logits, partial(self.loss_func, batch)
 
-    def rewards(self, batch, logits: torch.Tensor) -> torch.Tensor:
-        """[N] rewards from the training forward's logits at x_t (detached)."""
-        n = logits.shape[0]
-        rows = torch.arange(n, device=logits.device)
-        at_target = logits[rows, batch.target_pos.to(logits.device)].detach()  # [N, V/tp]
-        g = batch.num_thoughts
-        if self.rcfg.rlp_reward == "info_gain":
-            targets = batch.targets.to(logits.device).repeat_interleave(g)
-            logp = token_logprobs(at_target, targets, self.tokenizer.vocab_size)
-            return info_gain_reward(logp, batch.teacher_logp.to(logits.device).repeat_interleave(g))
-        pred = gathered_logits(at_target, self.tokenizer.vocab_size).argmax(dim=-1).tolist()
-        out = []
-        for r, token in enumerate(pred):
-            truth = [self.token_bytes[i] for i in batch.truth[r // g]]
-            out.append(rpt_reward(self.token_bytes[token], truth))
-        return torch.tensor(out, device=logits.device)
-
     def loss_func(self, batch, logits: torch.Tensor):
-        r = self.rcfg
-        dev = logits.device
-        mask = batch.thought_mask.to(dev)
-        logp = token_logprobs(logits, batch.labels.to(dev), self.tokenizer.vocab_size,
-                              r.rlp_temperature) * mask                  # [N, L]
-        rewards = self.rewards(batch, logits)
-        adv, gm = group_advantages(rewards.view(-1, batch.num_thoughts))
-        ref = batch.ref_logp.to(dev) if batch.ref_logp is not None else None
-        # Behaviour log-probs = this training forward's own, detached (one update per rollout).
-        loss, sm = clipped_surrogate(logp, logp.detach(), adv.reshape(-1), mask,
-                                     r.rlp_clip_eps_low, r.rlp_clip_eps_high, r.rlp_kl_beta, ref)
-        self._accumulate(batch, rewards, gm, sm, logp.detach(), mask)
+        loss, rewards, gm, sm, logp = rlp_loss(logits, batch, self.rcfg, self.tokenizer.vocab_size,
+                                               self.token_bytes)
+        self._accumulate(batch, rewards, gm, sm, logp, batch.thought_mask.to(logits.device))
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()
