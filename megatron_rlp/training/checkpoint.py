@@ -165,6 +165,7 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
 
     state = model_sharded_state_dict(model)
     if optimizer is not None:
+        _ensure_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                           metadata=_optimizer_metadata())
     common = dist_checkpointing.load_common_state_dict(ckpt_dir)
@@ -188,6 +189,7 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
         if scheduler is not None:
             scheduler.load_state_dict(common["scheduler"])
     for name, component in (components or {}).items():
@@ -196,6 +198,40 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     return dict(common["training"])
+
+
+def _torch_optimizers(optimizer) -> list:
+    """The torch optimizers inside megatron's (chained / distributed / fp32) wrappers."""
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [getattr(o, "optimizer", o) for o in chained]
+
+
+def _ensure_adam_state(optimizer) -> None:
+    """Give a never-stepped optimizer zero Adam state before building its load state dict.
+
+    Without TE/Apex, megatron 0.16.1's `DistributedOptimizer.state_dict()` reads `step` from every
+    param's torch state (`assert len(steps) == 1` fails on a fresh optimizer: no state at all),
+    and its `_init_optimizer_states_with_dummy_values` would take an AdamW step (weight decay
+    moves the weights). Zero state is what torch would create; the load overwrites all of it."""
+    for inner in _torch_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                state = inner.state[param]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param,
+                                                           memory_format=torch.preserve_format)
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron 0.16.1's `DistributedOptimizer.load_state_dict` (no TE/Apex) puts *one* `step`
+    tensor into every param's state; torch's Adam increments each param's step in place, so the
+    shared counter would advance once per param per iteration and bias correction would drift."""
+    for inner in _torch_optimizers(optimizer):
+        for state in inner.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 def _has_prefix(ckpt_dir: str, prefix: str) -> bool:
