@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# GPU checks: compiled-kernel tests, then each benchmark (one JSON line each). Run on a CUDA machine:
+#   bash benchmarks/gpu_check.sh
+# Append one line per benchmark; keep each under a few minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+status=0
+python -m pytest -q -m gpu -p no:cacheprovider tests || status=1
+python benchmarks/nvfp4_quantize.py || status=1
+exit $status
