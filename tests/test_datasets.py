@@ -113,6 +113,18 @@ def test_same_seed_gives_the_same_samples_with_or_without_the_cache(embedded, to
     assert any(f.endswith("shuffle_index.npy") for f in os.listdir(tmp_path / "c1"))
 
 
+def test_data_rewritten_under_the_same_prefix_does_not_reuse_stale_indices(tmp_path, tokenizer):
+    prefix = str(tmp_path / "d")
+    cache = str(tmp_path / "cache")
+    write_indexed_dataset(prefix, [[7] * 40, [8] * 40], dtype=np.uint16)
+    old = build_pretraining_dataset([prefix], 8, 3, 0, tokenizer, cache_dir=cache)
+    assert set(old[0]["tokens"].tolist()) <= {7, 8}
+    write_indexed_dataset(prefix, [[9] * 30], dtype=np.uint16)
+    new = build_pretraining_dataset([prefix], 8, 3, 0, tokenizer, cache_dir=cache)
+    assert len(new) == (30 - 1) // 8  # one epoch of the new file
+    assert all(set(new[i]["tokens"].tolist()) == {9} for i in range(len(new)))
+
+
 def test_weighted_blend_draws_sources_in_proportion(embedded, tokenizer, tmp_path):
     ds = build_pretraining_dataset(["3", embedded.train_prefix, "1", embedded.valid_prefix],
                                    SEQ, 400, 7, tokenizer, cache_dir=str(tmp_path))

@@ -138,15 +138,28 @@ class _TokenizerView:
     otherwise warn and do the same, and must not mask the loss of real <eod> tokens.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, data_files: list):
         self.vocab_size = tokenizer.vocab_size
         self.eod = tokenizer.eod
         pad = getattr(tokenizer, "pad", None)
         self.pad = -1 if pad is None or pad == self.eod else pad
-        self.unique_identifiers = getattr(tokenizer, "unique_identifiers", None) or OrderedDict(
+        ids = getattr(tokenizer, "unique_identifiers", None) or OrderedDict(
             [("class", type(tokenizer).__name__), ("vocab_size", self.vocab_size),
              ("eod", self.eod)]
         )
+        # megatron-core names its cached indices by an MD5 of the config, in which the tokenizer
+        # is the only free-form field; the data files' sizes and mtimes go here so that data
+        # rewritten under the same prefix (e.g. a rebuilt embedded set) never reuses stale indices.
+        self.unique_identifiers = OrderedDict(ids, data_files=data_files)
+
+
+def _fingerprint(prefixes: Sequence[str]) -> list:
+    out = []
+    for p in prefixes:
+        for ext in (".bin", ".idx"):
+            st = os.stat(p + ext)
+            out.append([os.path.abspath(p + ext), st.st_size, st.st_mtime_ns])
+    return out
 
 
 class PretrainingDataset(torch.utils.data.Dataset):
@@ -209,7 +222,7 @@ def build_pretraining_dataset(data_path: Sequence[str] | str, seq_length: int, n
         sequence_length=seq_length,
         blend_per_split=[blend if i == split_index else None for i in range(len(SPLITS))],
         path_to_cache=os.path.abspath(cache_dir),
-        tokenizer=_TokenizerView(tokenizer),
+        tokenizer=_TokenizerView(tokenizer, _fingerprint(prefixes)),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
