@@ -237,7 +237,10 @@ def main(argv: Optional[list] = None) -> int:
             return 0
         run_training(cfg)
     except (ValueError, FileNotFoundError) as error:
-        print(f"megatron-rlp-train: error: {error}", file=sys.stderr, flush=True)
+        # Every rank raises the same error (checks run identically everywhere, or are agreed on
+        # collectively); one line from global rank 0 is enough. All ranks exit with 2.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"megatron-rlp-train: error: {error}", file=sys.stderr, flush=True)
         return 2
     finally:
         from megatron_rlp.training.distributed import destroy_distributed

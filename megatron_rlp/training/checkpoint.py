@@ -164,6 +164,7 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
     ckpt_dir = checkpoint_dir(load, iteration)
 
     state = model_sharded_state_dict(model)
+    _check_model_shapes(ckpt_dir, state)
     if optimizer is not None:
         _ensure_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
@@ -198,6 +199,44 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     return dict(common["training"])
+
+
+def _check_model_shapes(ckpt_dir: str, state: dict) -> None:
+    """Compare this rank's model tensors with the checkpoint's metadata, then agree across ranks.
+
+    megatron reports a mismatch deep in its loader, on some ranks only (a PP stage sees only its
+    layers), and the other ranks then wait in a collective until the timeout. Here every rank
+    gets the first problem any rank found and raises the same one-line `ValueError`."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    problem = ""
+    try:
+        saved = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    except Exception as error:  # unreadable metadata: same outcome on every rank
+        problem = f"cannot read {ckpt_dir}: {error}"
+        saved = {}
+    for value in nested_values(state):
+        if problem:
+            break
+        if not isinstance(value, ShardedTensor):
+            continue
+        if value.key not in saved:
+            problem = f"{value.key} is missing"
+        elif tuple(saved[value.key].global_shape) != tuple(value.global_shape):
+            problem = (f"{value.key} has shape {tuple(saved[value.key].global_shape)} there but "
+                       f"{tuple(value.global_shape)} in this model")
+    problems = [problem]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p), "")
+    if first.startswith("cannot read"):
+        raise ValueError(first)
+    if first:
+        raise ValueError(f"checkpoint {ckpt_dir} does not fit this model: {first}; it was saved "
+                         "from a model of a different shape (layers, widths, pattern, vocab): "
+                         "load it with the same model flags")
 
 
 def _torch_optimizers(optimizer) -> list:

@@ -24,6 +24,7 @@ def backend() -> str:
 
 def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10) -> None:
     """Start the process group (if needed), megatron's TP/PP/DP groups and the RNG streams."""
+    check_layout(parallel)
     apply_cpu_patches()
     if not dist.is_initialized():
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -55,6 +56,16 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
             virtual_pipeline_model_parallel_size=vpp,
         )
     seed_everything(seed)
+
+
+def check_layout(parallel: ParallelConfig) -> None:
+    """Layouts megatron-core 0.16.1 cannot run with our hybrid model; fail before any work."""
+    if parallel.num_layers_per_virtual_pipeline_stage is not None:
+        raise ValueError(
+            f"--num-layers-per-virtual-pipeline-stage="
+            f"{parallel.num_layers_per_virtual_pipeline_stage}: interleaved (virtual) pipeline "
+            "parallelism is not supported for hybrid Mamba models by megatron-core 0.16.1 "
+            "(MambaStack asserts it off); drop the flag to use the 1F1B schedule")
 
 
 def seed_everything(seed: int) -> None:
