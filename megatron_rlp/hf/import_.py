@@ -101,11 +101,17 @@ def run_config_from_hf(hf_dir: str, tokenizer_dir: Optional[str] = None) -> dict
     `tokenizer_dir`: where the tokenizer.json should be referenced from (default: `hf_dir`)."""
     from megatron_rlp.data.tokenizer import build_tokenizer
 
+    from megatron_rlp.config import _field_owner
+    from megatron_rlp.train import _import_extensions
+
     hf = read_json(hf_dir, "config.json")
     if hf is None:
         raise mapping.ConversionError(f"{hf_dir}: no config.json; not a Hugging Face model dir")
     sidecar = read_json(hf_dir, mapping.SIDECAR_FILE) or {}
-    flat = dict(sidecar.get("run_config") or {})
+    _import_extensions()
+    known = _field_owner()
+    # Fields of a feature this install lacks only affect training, never the weights: drop them.
+    flat = {k: v for k, v in (sidecar.get("run_config") or {}).items() if k in known}
     flat.update(mapping.model_config_from_hf(hf))
     if "max_position_embeddings" in hf and "seq_length" not in flat:
         flat["seq_length"] = int(hf["max_position_embeddings"])

@@ -81,7 +81,9 @@ def compare(ours, hf_model, input_ids: torch.Tensor) -> List[dict]:
 def run(ours_path: str, hf_dir: str, *, seq_length: int = 64, batch: int = 2, seed: int = 0,
         tol: float = 1e-4) -> dict:
     from megatron_rlp import load_model
+    from megatron_rlp.train import _import_extensions
 
+    _import_extensions()  # a saved config may hold RLP / NVFP4 / phase fields
     ours = load_model(ours_path)
     hf_model = load_hf_reference(hf_dir)
     vocab = min(ours.vocab_size, hf_model.config.vocab_size)
