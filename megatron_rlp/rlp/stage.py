@@ -126,7 +126,8 @@ class RLPStage:
         loss, rewards, gm, sm, logp = rlp_loss(logits, batch, self.rcfg, self.tokenizer.vocab_size,
                                                self.token_bytes)
         self._accumulate(batch, rewards, gm, sm, logp, batch.thought_mask.to(logits.device))
-        return loss, {"loss": loss.detach()}
+        # clone: megatron divides the returned loss in place by the micro-batch count.
+        return loss, {"loss": loss.detach().clone()}
 
     @torch.no_grad()
     def _accumulate(self, batch, rewards, gm, sm, logp, mask):
