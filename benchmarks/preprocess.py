@@ -6,8 +6,9 @@
 Writes ~size-mb of embedded-corpus documents as JSONL (page-cache hot afterwards), runs the real
 command line once per worker count with --append-eod, and reads the tool's own timing (first line
 read → outputs renamed; interpreter and megatron-core start-up excluded). Prints documents/s and
-tokens/s per run, the speed-up over 1 worker and its share of the ideal (min(workers, cores)), checks
-the outputs are byte-identical, and ends with one JSON line.
+tokens/s per run, the speed-up over 1 worker and its share of the ideal (min(workers, cores)), and
+CPU seconds per run (the trustworthy figure on a shared machine); checks the outputs are
+byte-identical and ends with one JSON line.
 """
 from __future__ import annotations
 
@@ -76,7 +77,8 @@ def main() -> None:
         for w in args.workers:
             r = run_tool(inp, os.path.join(work, f"w{w}"), w)
             runs[w] = r
-            print(f"workers={w}: {r['documents']} docs, {r['tokens']} tokens in {r['seconds']:.2f} s"
+            print(f"workers={w}: {r['documents']} docs, {r['tokens']} tokens "
+                  f"in {r['seconds']:.2f} s"
                   f" -> {r['docs_per_s']:.0f} docs/s, {r['tokens_per_s']:.0f} tokens/s "
                   f"({r['cpu_s']:.1f} CPU s incl. start-up)")
         base = runs[1]
@@ -103,7 +105,8 @@ def main() -> None:
                 print(f"speed-up {w} workers / 1 worker: {speedup:.2f}x "
                       f"({100 * speedup / ideal:.0f}% of the ideal {ideal}x on {cores} cores)")
         print(f"outputs byte-identical across worker counts: {identical}; "
-              f"load average {os.getloadavg()[0]:.1f} on {cores} cores (>> cores: ratios are noise)")
+              f"load average {os.getloadavg()[0]:.1f} on {cores} cores "
+              f"(>> cores: ratios are noise)")
         print(json.dumps(result))
 
 

@@ -50,7 +50,8 @@ def test_worked_arithmetic_and_records_are_correct():
         elif d["source"] == "lists":
             for block in d["text"].split("\n\n")[:-1]:
                 nums = [int(x) for x in re.search(r"Numbers: (.*)", block).group(1).split(", ")]
-                assert re.search(r"Sorted: (.*)", block).group(1) == ", ".join(map(str, sorted(nums)))
+                sorted_text = re.search(r"Sorted: (.*)", block).group(1)
+                assert sorted_text == ", ".join(map(str, sorted(nums)))
                 assert int(re.search(r"Sum: (\d+)", block).group(1)) == sum(nums)
     assert checked > 1000
 

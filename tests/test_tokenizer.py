@@ -76,7 +76,8 @@ def test_exported_json_loads_back_as_a_tokenizer_file(tmp_path, kind):
     for model in (str(path), str(tmp_path)):  # the file, or a folder holding tokenizer.json
         theirs = build_tokenizer(kind, model)
         assert theirs.vocab_size == ours.vocab_size
-        assert (theirs.eod, theirs.pad, theirs.think_start) == (ours.eod, ours.pad, ours.think_start)
+        assert (theirs.eod, theirs.pad, theirs.think_start, theirs.think_end) == \
+            (ours.eod, ours.pad, ours.think_start, ours.think_end)
         for text in TEXTS:
             assert theirs.encode(text) == ours.encode(text)
 

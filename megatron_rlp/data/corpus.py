@@ -16,7 +16,8 @@ can raise its likelihood. Each document comes from one of six sources:
 deliberately easy to tell apart (shouting, urls, repetition) so a small classifier can learn it.
 
 Determinism: document i is drawn from its own `random.Random(f"{seed}:{i}")` (string seeds hash
-with SHA-512, independent of PYTHONHASHSEED), so `generate_corpus(n, s)[:k] == generate_corpus(k, s)`
+with SHA-512, independent of PYTHONHASHSEED), so
+`generate_corpus(n, s)[:k] == generate_corpus(k, s)`
 and the output never depends on the process, platform or number of documents asked for.
 Bump CORPUS_VERSION when any template changes: caches built from the old text are then rebuilt.
 """

@@ -18,9 +18,11 @@ without attention reset), position_ids int64 0..seq_length-1, dataset_id int (in
 `.prefixes`). Index i is a pure function of (files, seq_length, num_samples, seed): the trainer
 resumes by skipping consumed samples.
 
-Index files (document/sample/shuffle .npy, hashed by config) are cached in `cache_dir`, default
-`<folder of the first prefix>/index-cache`. With torch.distributed initialised, megatron-core builds
-them on rank 0 first, then the other ranks load them after a barrier: call this on every rank.
+Index files (document/sample/shuffle .npy) are cached in `cache_dir`, default `<folder of the
+first prefix>/index-cache`, under names hashing the config, the tokenizer and the data files' sizes
+and mtimes (data rewritten under the same prefix gets fresh indices). With torch.distributed
+initialised, megatron-core builds them on rank 0 first and the other ranks load them after a
+barrier: call this on every rank (it is collective).
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def parse_data_path(data_path: Sequence[str] | str) -> tuple[list[str], Optional
 
 
 def check_data_files(prefixes: Sequence[str]) -> None:
-    """FileNotFoundError naming every missing .bin/.idx; ValueError for a foreign .idx or no data."""
+    """FileNotFoundError naming each missing .bin/.idx; ValueError for a foreign .idx or no data."""
     missing = [p + ext for p in prefixes for ext in (".bin", ".idx") if not os.path.isfile(p + ext)]
     if missing:
         raise FileNotFoundError(

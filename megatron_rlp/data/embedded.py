@@ -96,7 +96,8 @@ def ensure_embedded_dataset(out_dir: str, num_docs: int = DEFAULT_NUM_DOCS,
     from megatron_rlp.data.tokenizer import build_tokenizer
 
     if not isinstance(num_docs, int) or num_docs < 2:
-        raise ValueError(f"num_docs must be an int >= 2 (one train, one held out); got {num_docs!r}")
+        raise ValueError(f"num_docs must be an int >= 2 (one train, one held out); "
+                         f"got {num_docs!r}")
     paths = embedded_paths(out_dir)
     tokenizer = build_tokenizer("EmbeddedTokenizer")
     expected = _expected_manifest(num_docs, seed, tokenizer)

@@ -1,7 +1,7 @@
 """Tokenizers: one wrapper around an HF `tokenizers.Tokenizer`, whatever its origin.
 
     tokenizer_type          --tokenizer-model       what it is
-    EmbeddedTokenizer       (none)                  ours: byte-level BPE, 1024 ids, shipped in assets/
+    EmbeddedTokenizer       (none)                  ours: byte-level BPE, 1024 ids, in assets/
     HuggingFaceTokenizer    path to tokenizer.json  any local HF `tokenizers` file (never the hub)
     TokenizerFile           path to tokenizer.json  alias of HuggingFaceTokenizer
     ByteTokenizer           (none)                  id = byte value (0..255), then the 4 specials
