@@ -58,6 +58,9 @@ def main(argv: Optional[list] = None) -> int:
             raise ValueError("--max-new-tokens and --num-samples must be >= 1")
         from megatron_rlp.data.tokenizer import build_tokenizer
         from megatron_rlp.inference.load import load_model
+        from megatron_rlp.train import _import_extensions
+
+        _import_extensions()  # a saved run config may hold extension keys (rlp_*, fp4 ...)
 
         model = load_model(args.load)
         d = model.run_config.data

@@ -134,3 +134,9 @@ def test_rlp_stage_runs_from_pretrained_checkpoint(tiny_flags, tmp_path):
 
     keys = load_tensors_metadata(os.path.join(rlp, "iter_0000002")).keys()
     assert any(k.startswith("ema_teacher.decoder.layers") for k in keys)
+
+    # The RLP checkpoint (its config holds rlp_* keys) generates through the CLI.
+    r = run_cli(["--load", rlp, "--prompt", "12+7=", "--max-new-tokens", "5", "--temperature", "0"],
+                module="megatron_rlp.generate")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("12+7=")
