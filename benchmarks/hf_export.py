@@ -22,6 +22,19 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def peak_rss_bytes() -> int:
+    """This process's own high-water RSS (VmHWM). Not ru_maxrss: Linux carries that across
+    fork+exec, so a child of the (large) generator would report the generator's peak."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def pattern_for(layers: int) -> str:
     """Nemotron-H-like: alternate Mamba and MLP, every 8th layer attention."""
     return "".join("*" if i % 8 == 5 else ("M" if i % 2 == 0 else "-") for i in range(layers))
@@ -64,7 +77,7 @@ def main() -> None:
         from megatron_rlp.hf.export import export_to_hf
 
         report = export_to_hf(ckpt, out, max_shard_size=args.max_shard_size, overwrite=True)
-        report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        report["peak_rss_bytes"] = peak_rss_bytes()
         print("CHILD " + json.dumps(report))
         return
 
@@ -74,10 +87,10 @@ def main() -> None:
         print(f"generated {params / 1e9:.3f}B-parameter checkpoint in "
               f"{time.perf_counter() - start:.0f}s", flush=True)
     # Baseline: the same interpreter importing the converter and megatron, exporting nothing.
-    base = subprocess.run([sys.executable, "-c", "import resource, megatron_rlp.hf.export, "
-                           "megatron.core; print(resource.getrusage(resource.RUSAGE_SELF)"
-                           ".ru_maxrss * 1024)"], capture_output=True, text=True, cwd=ROOT,
-                          check=True)
+    base = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, 'benchmarks'); "
+                           "import hf_export, megatron_rlp.hf.export, megatron.core; "
+                           "print(hf_export.peak_rss_bytes())"], capture_output=True, text=True,
+                          cwd=ROOT, check=True)
     import_rss = int(base.stdout.strip().splitlines()[-1])
     start = time.perf_counter()
     child = subprocess.run([sys.executable, __file__, "--child", "--workdir", args.workdir,

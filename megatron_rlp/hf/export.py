@@ -198,7 +198,7 @@ def export_to_hf(load: str, save: str, *, max_shard_size="2GB", dtype: str = "au
     _write_json(save, "config.json", config)
     _write_json(save, "generation_config.json", {
         "_from_model_config": True, "eos_token_id": eod, "pad_token_id": pad,
-        "bos_token_id": None, "max_length": cfg.training.seq_length})
+        "bos_token_id": None})
     write_tokenizer_files(save, tokenizer, cfg.training.seq_length)
     _write_json(save, mapping.SIDECAR_FILE, {
         "source_checkpoint": os.path.abspath(ckpt_dir), "iteration": iteration,
