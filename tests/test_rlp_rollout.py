@@ -104,6 +104,24 @@ def test_rollouts_are_seeded_by_global_sample_index(setup):
     assert not torch.equal(a.tokens, c.tokens)
 
 
+def test_rpt_reward_and_kl_term_paths_run_on_the_model(setup):
+    from megatron_rlp.rlp.reward import token_bytes_table
+    from megatron_rlp.rlp.stage import rlp_loss
+
+    tok, model = setup[0], setup[1]
+    try:
+        out = _rollout(setup, rlp_reward="rpt", rlp_rpt_entropy_filter=0.5, rlp_kl_beta=0.1)
+        assert out.ref_logp is not None and (out.ref_logp[out.thought_mask == 0] == 0).all()
+        assert all(len(t) == setup[3].rlp_rpt_truth_tokens for t in out.truth)
+        logits = model(out.tokens, None, None)
+        loss, rewards, gm, sm, _ = rlp_loss(logits, out, setup[3], tok.vocab_size,
+                                            token_bytes_table(tok))
+        assert set(rewards.tolist()) <= {0.0, 1.0} and torch.isfinite(loss)
+        loss.backward()
+    finally:
+        _rollout(setup, rlp_reward="info_gain", rlp_rpt_entropy_filter=None, rlp_kl_beta=0.0)
+
+
 def test_rlp_stage_runs_from_pretrained_checkpoint(tiny_flags, tmp_path):
     pre = str(tmp_path / "pre")
     r = run_cli(tiny_flags + ["--train-iters", "2", "--save", pre])

@@ -38,5 +38,9 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         kept = kept.masked_fill(drop, float("-inf"))
     probs = torch.softmax(kept, dim=-1)
-    tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    if generator is not None and generator.device != probs.device:
+        # A CPU generator (seeded per rollout, device-independent draws) with GPU logits.
+        tokens = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(probs.device)
+    else:
+        tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return tokens, logprobs_all.gather(-1, tokens[:, None])[:, 0]

@@ -80,14 +80,15 @@ def choose_positions(text: torch.Tensor, min_prefix: int, eod: int, generator: t
 def teacher_target_logprobs(teacher, contexts: List[List[int]], targets: torch.Tensor,
                             vocab_size: int, pad: int) -> torch.Tensor:
     """log p_phi(x_t | x_<t) for each context (right-padded batch; causal, so padding is inert)."""
+    device = next(teacher.parameters()).device
     width = max(len(c) for c in contexts)
     ids = torch.full((len(contexts), width), pad, dtype=torch.long)
     for i, c in enumerate(contexts):
         ids[i, : len(c)] = torch.tensor(c)
-    logits = teacher(ids, None, None)                                  # [B, W, V/tp]
-    last = torch.tensor([len(c) - 1 for c in contexts])
-    picked = logits[torch.arange(len(contexts)), last]                 # [B, V/tp]
-    return token_logprobs(picked, targets, vocab_size)
+    logits = teacher(ids.to(device), None, None)                       # [B, W, V/tp]
+    last = torch.tensor([len(c) - 1 for c in contexts], device=device)
+    picked = logits[torch.arange(len(contexts), device=device), last]  # [B, V/tp]
+    return token_logprobs(picked, targets.to(device), vocab_size).cpu()
 
 
 @torch.no_grad()
@@ -99,12 +100,12 @@ def make_rollout(decoder, teacher, tokenizer, data: dict, rcfg, *, seed: int, fi
     t_reward = time.perf_counter()
     allowed = None
     if rcfg.rlp_reward == "rpt" and rcfg.rlp_rpt_entropy_filter is not None:
-        logits = teacher(text[:, :-1], None, None)
+        logits = teacher(text[:, :-1].to(next(teacher.parameters()).device), None, None)
         from megatron_rlp.rlp.reward import gathered_logits
 
         ent = top_k_entropy(gathered_logits(logits, vocab), 16)        # [B, S] predicts text[1:]
         allowed = torch.zeros_like(text, dtype=torch.bool)
-        allowed[:, 1:] = ent >= rcfg.rlp_rpt_entropy_filter
+        allowed[:, 1:] = (ent >= rcfg.rlp_rpt_entropy_filter).cpu()
     reward_s = time.perf_counter() - t_reward
     t = choose_positions(text, rcfg.rlp_min_prefix, tokenizer.eod, gen, allowed)
     contexts, truth = [], []
@@ -131,13 +132,13 @@ def make_rollout(decoder, teacher, tokenizer, data: dict, rcfg, *, seed: int, fi
     rows, masks, slps, tpos = [], [], [], []
     for r in range(len(prompts) * g):
         b, k = r // g, int(out.lengths[r])
-        thought = out.tokens[r, :k].tolist()
+        thought = out.tokens[r, :k].tolist()  # (on the model's device; rows are built on CPU)
         closing = [] if bool(out.stopped[r]) else [tokenizer.think_end]
         row = prompts[b] + thought + closing + [int(targets[b])]
         p = len(prompts[b])
         rows.append(row)
         masks.append((p - 1, k))
-        slps.append(out.logprobs[r, :k])
+        slps.append(out.logprobs[r, :k].cpu())
         tpos.append(len(row) - 2)
     width = max(len(x) for x in rows)
     n = len(rows)
@@ -154,13 +155,14 @@ def make_rollout(decoder, teacher, tokenizer, data: dict, rcfg, *, seed: int, fi
     ref_logp = None
     if rcfg.rlp_kl_beta:
         t0 = time.perf_counter()
-        ref_logp = token_logprobs(teacher(tokens, None, None), labels, vocab,
-                                  rcfg.rlp_temperature) * thought_mask
+        dev = next(teacher.parameters()).device
+        ref_logp = (token_logprobs(teacher(tokens.to(dev), None, None), labels.to(dev), vocab,
+                                   rcfg.rlp_temperature) * thought_mask.to(dev)).cpu()
         reward_s += time.perf_counter() - t0
     return Rollout(tokens=tokens, labels=labels, thought_mask=thought_mask,
                    target_pos=torch.tensor(tpos), targets=targets, teacher_logp=teacher_logp,
-                   sampler_logp=sampler_logp, thought_len=out.lengths.clone(),
-                   stopped=out.stopped.clone(), num_thoughts=g, truth=truth,
+                   sampler_logp=sampler_logp, thought_len=out.lengths.cpu(),
+                   stopped=out.stopped.cpu(), num_thoughts=g, truth=truth,
                    context_tokens=sum(len(c) for c in contexts),
                    generated_tokens=int(out.lengths.sum()), rollout_s=rollout_s,
                    reward_s=reward_s, ref_logp=ref_logp)
