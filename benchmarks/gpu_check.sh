@@ -6,5 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 status=0
 python -m pytest -q -m gpu -p no:cacheprovider tests || status=1
+# NVFP4: every Triton==reference bit-exactness test, compiled (on CPU they run interpreted)
+python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_nvfp4_triton.py || status=1
 python benchmarks/nvfp4_quantize.py || status=1
 exit $status

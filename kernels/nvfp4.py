@@ -1,9 +1,9 @@
 """NVFP4 quantization: public API over two backends.
 
 ``backend="reference"`` runs ``reference.py`` (plain torch, any device); ``backend="triton"`` runs
-``triton_nvfp4.py`` (CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``). The default is Triton
-when ``x`` is on a CUDA device, else the reference. Both produce identical bits; numerics and the
-choices the spec leaves open (non-finite input, butterfly order, SR draws) are documented in
+``triton_nvfp4.py`` (CUDA, or the CPU interpreter under ``TRITON_INTERPRET=1``). The default is
+Triton when ``x`` is on a CUDA device, else the reference. Both produce identical bits; numerics and
+the choices the spec leaves open (non-finite input, butterfly order, SR draws) are documented in
 ``reference.py``.
 
 Non-finite input: a 16-block containing NaN/inf dequantizes to NaN (scale byte 0x7F, nibbles 0); a
@@ -33,7 +33,7 @@ class NVFP4Tensor:
     """A quantized 2D tensor.
 
     data:  uint8 [M, K/2], element 2j in the low nibble, bit 3 of a nibble is the sign.
-    scale: float8_e4m3fn [M, K/16] block decode scales (2D: one per 16x16 tile, repeated on its rows).
+    scale: float8_e4m3fn [M, K/16] block decode scales (2D: one per 16x16 tile, on its 16 rows).
     amax:  fp32 0-dim global amax (after RHT when ``rht``; NaN if the input was not finite).
     """
     data: torch.Tensor
@@ -45,7 +45,7 @@ class NVFP4Tensor:
     stochastic: bool = False
 
     def dequantize(self, backend: Optional[str] = None) -> torch.Tensor:
-        """fp32 [M, K]; in the rotated domain when ``rht`` (apply ``inverse_hadamard_transform``)."""
+        """fp32 [M, K]; rotated domain when ``rht`` (see ``inverse_hadamard_transform``)."""
         return dequantize(self, backend=backend)
 
 
@@ -99,7 +99,7 @@ def quantize(x: torch.Tensor, *, block_2d: bool = False, rht: bool = False,
     """Quantize ``x`` [M, K] (fp32/bf16/fp16) to NVFP4 with 1x16 (or 16x16 ``block_2d``) blocks.
 
     rht:        apply the 16-point RHT along K first (bf16 input: rounded to bf16), amax after it.
-    stochastic: stochastic rounding; draws come from ``seed`` or, if None, one draw of ``generator``.
+    stochastic: stochastic rounding; draws from ``seed``, else from one draw of ``generator``.
     amax:       precomputed global amax (e.g. all-reduced across TP ranks); default: computed here.
     """
     _check_input(x, block_2d, rht)

@@ -13,15 +13,16 @@ blocks run along K (the last dim), ``B = K // 16`` blocks per row.
     deq  = (e2m1_value(q) * fp32(s_b)) * fl(1/S)
 
 Choices the spec leaves open, fixed here and mirrored by the kernel:
-- Non-finite input (NaN or +-inf anywhere in a 16-block, or a non-finite global amax) poisons, loudly and
-  without a host sync: the block's scale byte becomes E4M3 NaN (0x7F) and its nibbles 0, so the block
-  dequantizes to NaN; a non-finite global amax is reported as NaN and poisons every block. (TE propagates
-  NaN but turns an inf into silent garbage; we never do.)
-- RHT is computed as a 4-stage butterfly (strides 1, 2, 4, 8) after the sign flip, then * 1/4; the
-  matmul ``x @ M`` sums in an unspecified order, the butterfly pins it (exact for most inputs anyway).
-- Stochastic rounding draws u ~ U[0,1) from Triton's ``tl.rand(seed, flat_index)`` (Philox4x32-10, first
-  output) and rounds up iff u < (|y| - lo) / (hi - lo). TE uses the hardware ``cvt.rs`` instruction with
-  its own random bits, so SR draws are not TE-bit-exact (the distribution is the same).
+- Non-finite input (NaN or +-inf anywhere in a 16-block, or a non-finite global amax) poisons
+  loudly and without a host sync: the block's scale byte becomes E4M3 NaN (0x7F) and its nibbles
+  0, so the block dequantizes to NaN; a non-finite global amax is reported as NaN and poisons
+  every block. (TE propagates NaN but turns an inf into silent garbage; we never do.)
+- RHT is a 4-stage butterfly (strides 1, 2, 4, 8) after the sign flip, then * 1/4: the matmul
+  ``x @ M`` sums in an unspecified order, the butterfly pins it (exact for most inputs anyway).
+- Stochastic rounding draws u ~ U[0,1) from Triton's ``tl.rand(seed, flat_index)``
+  (Philox4x32-10, first output) and rounds up iff u < (|y| - lo) / (hi - lo). TE uses the
+  hardware ``cvt.rs`` instruction with its own random bits, so SR draws are not TE-bit-exact
+  (the distribution is the same).
 - Dequantize multiplies as ``(value * scale) * fl(1/S)``; the first product is exact.
 """
 from __future__ import annotations
@@ -77,8 +78,8 @@ def e4m3_round_ref(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def e2m1_codes_rne(y: torch.Tensor) -> torch.Tensor:
     """E2M1 nibble (uint8 0..15) of fp32 ``y`` already clamped to [-6, 6]; ties go to the even code.
 
-    Thresholds are the midpoints between E2M1 values; ``>`` at a midpoint whose lower neighbour has the
-    even code, ``>=`` where the upper one has. NaN compares false everywhere and gives code 0.
+    Thresholds are the midpoints between E2M1 values: ``>`` at a midpoint whose lower neighbour
+    has the even code, ``>=`` where the upper one has. NaN compares false everywhere: code 0.
     """
     a = y.abs()
     mag = ((a > 0.25).to(torch.uint8) + (a >= 0.75) + (a > 1.25) + (a >= 1.75)
@@ -93,7 +94,7 @@ def e2m1_value(mag: torch.Tensor) -> torch.Tensor:
 
 
 def philox_uniform_ref(seed: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Exactly Triton's ``tl.rand(seed, offsets)``: Philox4x32, 10 rounds, first output, to fp32 [0,1).
+    """Exactly Triton's ``tl.rand(seed, offsets)``: Philox4x32-10, first output, as fp32 [0, 1).
 
     uint32 arithmetic runs in int64: a 32x32-bit product wraps modulo 2**64 (two's complement, as
     every torch backend does), and its high/low words are read back with a shift and a mask.
@@ -150,7 +151,7 @@ def hadamard_matrix(dtype: torch.dtype = torch.float32, device=None) -> torch.Te
 
 
 def _rht_fp32(x: torch.Tensor) -> torch.Tensor:
-    """fp32 ``x @ M`` blockwise along the last dim via the butterfly (order pinned, see module doc)."""
+    """fp32 ``x @ M`` blockwise along the last dim, as a butterfly (order pinned: module doc)."""
     v = x.to(torch.float32).reshape(-1, BLOCK) * torch.tensor(RHT_SIGNS, dtype=torch.float32,
                                                               device=x.device)
     for h in (1, 2, 4, 8):
@@ -162,9 +163,11 @@ def _rht_fp32(x: torch.Tensor) -> torch.Tensor:
 
 def _check_rht_input(x: torch.Tensor) -> None:
     if x.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"hadamard_transform: dtype {x.dtype} unsupported; pass float32 or bfloat16")
+        raise ValueError(f"hadamard_transform: dtype {x.dtype} unsupported; "
+                         "pass float32 or bfloat16")
     if x.shape[-1] % BLOCK:
-        raise ValueError(f"hadamard_transform: last dim {x.shape[-1]} must be a multiple of {BLOCK}")
+        raise ValueError(f"hadamard_transform: last dim {x.shape[-1]} must be a multiple "
+                         f"of {BLOCK}")
 
 
 def hadamard_ref(x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +206,7 @@ def quantize_ref(x: torch.Tensor, amax: torch.Tensor, *, block_2d: bool = False,
         bamax = xf.abs().amax(dim=2)
         bbad = bad.any(dim=2)
     bbad = bbad | poisoned
-    bamax = torch.where(bbad, 0.0, bamax)                 # keep the scale math finite; poisoned below
+    bamax = torch.where(bbad, 0.0, bamax)          # keep the scale math finite; poisoned below
     sb = torch.clamp(torch.minimum(bamax * sm, _f32(FLT_MAX, x)), 0.0, FP8_MAX)
     sb_f32, sb_byte = e4m3_round_ref(sb)
     enc = torch.minimum(_f32(1.0, x) / (sb_f32 * gds), _f32(FLT_MAX, x))

@@ -2,16 +2,17 @@
 
 Bit-equal to ``reference.py`` (read its docstring for the numerics). One code path runs compiled on
 CUDA and under ``TRITON_INTERPRET=1`` on CPU, which is why it avoids, on purpose:
-- ``.to(tl.float8e4nv)`` (wrong in the interpreter): E4M3 scales are RNE-rounded with integer bit ops;
+- ``.to(tl.float8e4nv)`` (wrong in the interpreter): E4M3 scales are RNE-rounded with int bit ops;
 - ``.to(tl.bfloat16)`` (truncates in the interpreter): bf16 rounding of RHT output is done on bits;
 - ``tl.dot`` for the 16-point RHT (summation order unspecified): a butterfly with pinned order;
 - fp32 ``/`` (may be approximate when compiled): ``tl.math.div_rn``;
 - multi-config autotune (fails in the interpreter): block sizes are picked by ``_blocks``.
 
-Tiles: a program owns ``[BM, BK]`` of x (BK a multiple of 16; BM a multiple of 16 for 2D), so it owns
-whole 1x16 blocks and whole 16x16 tiles. x may be any strided 2D view (e.g. ``t()`` for the transposed
-Wgrad copies) and is read once per pass; the global amax is a separate first pass (per-program partial
-maxima, reduced by torch), then quantize re-reads x and recomputes the RHT instead of storing it.
+Tiles: a program owns ``[BM, BK]`` of x (BK a multiple of 16; BM a multiple of 16 for 2D), so it
+owns whole 1x16 blocks and whole 16x16 tiles. x may be any strided 2D view (e.g. ``t()`` for the
+transposed Wgrad copies) and is read once per pass; the global amax is a separate first pass
+(per-program partial maxima, reduced by torch), then quantize re-reads x and recomputes the RHT
+instead of storing it.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def _round_bf16(v):
 
 @triton.jit
 def _rht(v, BM: tl.constexpr, BK: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """[BM, BK] fp32 -> each 16-block times diag(s).H16/4; butterfly strides 1,2,4,8 (= reference)."""
+    """[BM, BK] fp32 -> each 16-block times diag(s).H16/4; butterfly strides 1,2,4,8 like ref."""
     R: tl.constexpr = BM * BK // 16
     idx = tl.arange(0, 16)
     sgn = tl.where(((tl.full((16,), _SIGN_MASK, tl.int32) >> idx) & 1) != 0, -1.0, 1.0)
@@ -83,7 +84,7 @@ def _rht(v, BM: tl.constexpr, BK: tl.constexpr, ROUND_BF16: tl.constexpr):
 
 @triton.jit
 def _butterfly(w, R: tl.constexpr, H: tl.constexpr):
-    """(a, b) -> (a + b, a - b) for pairs (i, i + H) inside groups of 2H; sums of 2 are exact ops."""
+    """(a, b) -> (a + b, a - b) for pairs (i, i + H) in groups of 2H (one rounding each)."""
     G: tl.constexpr = 16 // (2 * H)
     t = tl.reshape(w, (R, G, 2, H))
     pm = tl.where(tl.arange(0, 2) == 0, 1.0, -1.0)

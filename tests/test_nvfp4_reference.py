@@ -1,7 +1,8 @@
 """The plain-torch NVFP4 reference against hand-computed values, properties, and its own API rules.
 
-Hand examples use ``amax=2688`` (S = 1, fl(1/S) = 1) or a block holding 6.0 with amax 6 (S = 448), where
-every fp32 step is exact, so expected values can be read off the E2M1/E4M3 grids by hand.
+Hand examples use ``amax=2688`` (S = 1, fl(1/S) = 1) or a block holding 6.0 with amax 6
+(S = 448), where every fp32 step is exact, so expected values can be read off the E2M1/E4M3 grids
+by hand.
 """
 import math
 

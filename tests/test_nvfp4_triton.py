@@ -1,9 +1,9 @@
-"""Triton NVFP4 kernels == the torch reference, bit for bit (nibbles incl. sign of zero, scale bytes, amax).
+"""Triton NVFP4 kernels == the torch reference, bit for bit (nibbles, sign of zero, scales, amax).
 
-On a CPU these run under the Triton interpreter: TRITON_INTERPRET must be set before the kernels module
-is decorated, so this file sets it (only when CUDA is absent) before anything imports
-``megatron_rlp.kernels.triton_nvfp4``. With CUDA the same tests run compiled (``pytest -m gpu`` adds the
-large-shape ones).
+On a CPU these run under the Triton interpreter: TRITON_INTERPRET must be set before the kernels
+module is decorated, so this file sets it (only when CUDA is absent) before anything imports
+``megatron_rlp.kernels.triton_nvfp4``. Note it then stays set for the rest of the pytest process.
+With CUDA the same tests run compiled (``pytest -m gpu`` adds the large-shape ones).
 """
 import os
 

@@ -1,4 +1,4 @@
-"""y = x W^T with NVFP4 fprop, dgrad and wgrad (emulated GEMMs on dequantized values, fp32 accumulate).
+"""y = x W^T with NVFP4 fprop, dgrad and wgrad (GEMMs emulated on dequantized values in fp32).
 
 Shape legend: x [T, K] tokens x input features, W [N, K], y / dy [T, N].
 
@@ -12,9 +12,9 @@ Blocks always run along the GEMM's reduction dimension, as the FP4 tensor cores 
 (recipe flags): ``use_rht=False`` drops the rotations, ``use_sr=False`` rounds gradients to nearest,
 ``use_2d_weights=False`` quantizes W (along K) and W^T (along N) separately with 1x16 blocks.
 
-Emulation: quantization is bit-faithful (``megatron_rlp.kernels.nvfp4``), the GEMM runs in fp32 on the
-dequantized operands with TF32 off. On Blackwell with TransformerEngine the lead may route to TE's FP4
-GEMMs instead; numerics of the quantizers are the same.
+Emulation: quantization is bit-faithful (``megatron_rlp.kernels.nvfp4``), the GEMM runs in fp32
+on the dequantized operands with TF32 off. On Blackwell with TransformerEngine, TE's FP4 GEMMs can
+replace it; the quantizer numerics are the same.
 
 TP: pass ``amax_reduce_group`` and every global amax is all-reduced (MAX) over it before quantizing,
 so all ranks of a TP group use one global scale per tensor, exactly as an unsharded run would.

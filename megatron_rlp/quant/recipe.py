@@ -2,9 +2,10 @@
 
 Selection is by block index and block kind (the hybrid pattern character), never by module names:
 the first ``fp4_bf16_first_layers`` and the last ``fp4_bf16_last_layers`` blocks stay BF16 (the
-NVFP4 pretraining recipe keeps the edges of the network in higher precision), all other blocks run the
-linear layers listed in ``FP4_LINEARS`` in NVFP4. Inside every block the non-linear parts (norms,
-Mamba conv/SSM, the attention core softmax/QK^T/AV) stay BF16/FP32, as do embedding and output layer.
+NVFP4 pretraining recipe keeps the edges of the network in higher precision); all other blocks
+run the linear layers listed in ``FP4_LINEARS`` in NVFP4. Inside every block the non-linear parts
+(norms, Mamba conv/SSM, the attention core softmax/QK^T/AV) stay BF16/FP32, as do the embedding
+and the output layer.
 
 From iteration ``switch_iteration(train_iters, fp4_switch_to_bf16_at)`` on, every layer is BF16. The
 decision depends only on the iteration number, so a resumed run switches at the same step.
