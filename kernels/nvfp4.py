@@ -82,6 +82,7 @@ def draw_seed(generator: Optional[torch.Generator] = None) -> int:
     return int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64).item())
 
 
+@torch.no_grad()
 def compute_amax(x: torch.Tensor, *, rht: bool = False, backend: Optional[str] = None
                  ) -> torch.Tensor:
     """Global amax (fp32 0-dim) of ``x`` or of its RHT (NaN if non-finite); for TP all-reduce."""
@@ -92,6 +93,7 @@ def compute_amax(x: torch.Tensor, *, rht: bool = False, backend: Optional[str] =
     return ref.amax_ref(x, rht=rht)
 
 
+@torch.no_grad()
 def quantize(x: torch.Tensor, *, block_2d: bool = False, rht: bool = False,
              stochastic: bool = False, generator: Optional[torch.Generator] = None,
              backend: Optional[str] = None, seed: Optional[int] = None,
@@ -124,6 +126,7 @@ def quantize(x: torch.Tensor, *, block_2d: bool = False, rht: bool = False,
                        block_2d=block_2d, rht=rht, stochastic=stochastic)
 
 
+@torch.no_grad()
 def dequantize(q: NVFP4Tensor, backend: Optional[str] = None) -> torch.Tensor:
     """fp32 [M, K] values of ``q`` (rotated domain if it was quantized with ``rht``)."""
     if _pick_backend(backend, q.data.device) == "triton":
@@ -132,6 +135,7 @@ def dequantize(q: NVFP4Tensor, backend: Optional[str] = None) -> torch.Tensor:
     return ref.dequantize_ref(q.data, q.scale, q.amax)
 
 
+@torch.no_grad()
 def hadamard_transform(x: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
     """Each 16-element block of the last dim times M = diag(s) . H16 / 4; bf16 output rounded."""
     if _pick_backend(backend, x.device) == "triton" and x.dim() == 2:
@@ -140,6 +144,7 @@ def hadamard_transform(x: torch.Tensor, backend: Optional[str] = None) -> torch.
     return ref.hadamard_ref(x)
 
 
+@torch.no_grad()
 def inverse_hadamard_transform(x: torch.Tensor) -> torch.Tensor:
     """Inverse of ``hadamard_transform`` (M is orthogonal: x @ M^T), fp32 math, x's dtype out."""
     return ref.inverse_hadamard_ref(x)

@@ -269,12 +269,15 @@ def amax(x: torch.Tensor, *, rht: bool = False) -> torch.Tensor:
     return torch.where(bad.amax() > 0, torch.full_like(a, float("nan")), a)
 
 
+_global_amax = amax          # quantize() takes a keyword named ``amax``
+
+
 def quantize(x: torch.Tensor, *, block_2d: bool = False, rht: bool = False,
              stochastic: bool = False, seed: int = 0, amax: torch.Tensor | None = None):
     """Launch the fused (RHT +) quantize kernel; returns (data, scale, amax used)."""
     m, k = x.shape
     if amax is None:
-        amax_t = globals()["amax"](x, rht=rht)
+        amax_t = _global_amax(x, rht=rht)
     else:
         amax_t = amax.to(device=x.device, dtype=torch.float32).reshape(())
     g = global_scales(amax_t)
