@@ -108,14 +108,19 @@ def philox_uniform_ref(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & m32, (seed >> 32) & m32
 
-    def mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p = b * a
-        return (p >> 32) & m32, p & m32
-
     for _ in range(10):
-        hi_b, lo_b = mulhilo(0xCD9E8D57, c2)
-        hi_a, lo_a = mulhilo(0xD2511F53, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        hi_b = c2 * 0xCD9E8D57             # full 64-bit products (wrapping), split below
+        hi_a = c0 * 0xD2511F53
+        c1_new, c3_new = hi_b & m32, hi_a & m32
+        hi_b >>= 32
+        hi_b &= m32
+        hi_b ^= c1
+        hi_b ^= k0
+        hi_a >>= 32
+        hi_a &= m32
+        hi_a ^= c3
+        hi_a ^= k1
+        c0, c1, c2, c3 = hi_b, c1_new, hi_a, c3_new
         k0 = (k0 + 0x9E3779B9) & m32
         k1 = (k1 + 0xBB67AE85) & m32
     r = torch.where(c0 >= 2**31, c0 - 2**32, c0)      # bitcast to int32
