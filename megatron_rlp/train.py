@@ -34,7 +34,7 @@ def _import_extensions() -> None:
     import importlib
 
     for name in ("megatron_rlp.quant.integration", "megatron_rlp.rlp.stage",
-                 "megatron_rlp.data.phases"):
+                 "megatron_rlp.data.phases", "megatron_rlp.dry_run"):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as error:
