@@ -151,7 +151,7 @@ def test_rlp_stage_runs_from_pretrained_checkpoint(tiny_flags, tmp_path):
     from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
 
     keys = load_tensors_metadata(os.path.join(rlp, "iter_0000002")).keys()
-    assert any(k.startswith("ema_teacher.decoder.layers") for k in keys)
+    assert any(k.startswith("ext_ema_teacher.decoder.layers") for k in keys)
 
     # The RLP checkpoint (its config holds rlp_* keys) generates through the CLI.
     r = run_cli(["--load", rlp, "--prompt", "12+7=", "--max-new-tokens", "5", "--temperature", "0"],

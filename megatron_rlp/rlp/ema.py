@@ -5,7 +5,7 @@
 phi is a separate model of the same shape and TP layout, kept in fp32 (a bf16 teacher would lose
 updates of relative size 1 - tau = 1e-3 to rounding). It is initialised lazily from theta when
 training starts (after --load has put the pretrained weights in place), unless a checkpoint gave
-us phi. It rides along in checkpoints under the keys `ema_teacher.*`.
+us phi. It rides along in checkpoints under the keys `ext_ema_teacher.*`.
 """
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch
 
 from megatron_rlp.inference.decode import unwrap_model
 
-PREFIX = "ema_teacher."
+# checkpoint.py detects a component by tensor keys starting with "ext_<component name>".
+PREFIX = "ext_ema_teacher."
 
 
 @torch.no_grad()
