@@ -1,0 +1,335 @@
+"""The NVFP4 recipe in the trainer: config section, layer-spec hook, plan callback.
+
+Imported by ``megatron_rlp.train._import_extensions``; the model never imports it.
+
+    --fp4 nvfp4  ->  MODEL_SPEC_HOOKS: hybrid_stack_spec(column_linear=NVFP4ColumnParallelLinear,
+                                                         row_linear=NVFP4RowParallelLinear)
+                 ->  CALLBACK_FACTORIES: NVFP4Callback
+                       on_train_start      tag each NVFP4 linear with its plan entry (global block
+                                           index from layer.layer_number, kind from the hybrid
+                                           pattern, role from the spec slot); print the plan
+                       on_iteration_start  iteration for SR seeds; NVFP4 -> BF16 switch
+                       metrics             fp4_active, nvfp4_gemms
+
+Which linears are NVFP4 is a pure function of the config, ``linear_plan(cfg)``: the block plan of
+``recipe.plan_for`` (first/last blocks BF16, by index and kind), then a per-shard shape check —
+the FP4 tensor-core layout needs both GEMM dimensions of the local weight to be multiples of 16
+(a Mamba ``in_proj`` has 2*d_inner + 2*G*N + H rows, often not). Such a linear stays in the
+run's precision and the plan table says why. Nothing is chosen by module-name patterns: roles are
+the slots of the layer specs (``MambaLayer.mixer.in_proj``, ``TransformerLayer.self_attention.
+linear_qkv``, ``MLPLayer.mlp.linear_fc1`` ...).
+
+The embedding and output layer are built by ``MambaModel`` itself, not from the stack spec, so
+they stay plain megatron linears (high precision) whatever the recipe says.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch.distributed as dist
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                    gather_from_sequence_parallel_region)
+
+from megatron_rlp.config import RunConfig, register_section
+from megatron_rlp.training.trainer import Callback
+
+from .nvfp4_linear import QUANT_STATS, nvfp4_linear
+from .recipe import (BLOCK_KINDS, FP4_LINEARS, NVFP4Recipe, fp4_active, plan_for,
+                     scaled_bf16_layers, sr_seed, switch_iteration)
+
+_BLOCK = 16
+# The layer attribute that holds a kind's linears (megatron's layer classes fix these slots).
+_ROLE_OWNER = {"mamba": "mixer", "attention": "self_attention", "mlp": "mlp"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: per (block index, role), a pure function of the config
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LinearPlan:
+    layer: int              # global block index (0-based)
+    kind: str               # mamba | attention | mlp
+    role: str               # spec slot, e.g. "in_proj"
+    fp4: bool               # NVFP4 while the recipe is active
+    reason: str
+    local_shape: Tuple[int, int]   # this TP shard's weight [N, K]
+
+
+def local_linear_shapes(cfg: RunConfig) -> Dict[str, Dict[str, Tuple[int, int]]]:
+    """Per kind and role, one TP shard's weight shape [out, in] (column: out split; row: in)."""
+    m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
+    kv = m.kv_channels or m.hidden_size // m.num_attention_heads
+    d_inner = m.mamba_num_heads * m.mamba_head_dim
+    in_proj_rows = 2 * d_inner + 2 * m.mamba_num_groups * m.mamba_state_dim + m.mamba_num_heads
+    return {
+        "mamba": {"in_proj": (in_proj_rows // tp, m.hidden_size),
+                  "out_proj": (m.hidden_size, d_inner // tp)},
+        "attention": {"linear_qkv": ((m.num_attention_heads + 2 * m.num_query_groups) * kv // tp,
+                                     m.hidden_size),
+                      "linear_proj": (m.hidden_size, m.num_attention_heads * kv // tp)},
+        "mlp": {"linear_fc1": (m.ffn_hidden_size // tp, m.hidden_size),
+                "linear_fc2": (m.hidden_size, m.ffn_hidden_size // tp)},
+    }
+
+
+def linear_plan(cfg: RunConfig) -> Dict[Tuple[int, str], LinearPlan]:
+    """(block index, role) -> LinearPlan for every linear of every block."""
+    recipe: NVFP4Recipe = cfg.fp4
+    m = cfg.model
+    shapes = local_linear_shapes(cfg)
+    tp = cfg.parallel.tensor_model_parallel_size
+    out = {}
+    for block in plan_for(recipe, m.num_layers, m.hybrid_override_pattern):
+        for role in FP4_LINEARS[block.kind]:
+            n, k = shapes[block.kind][role]
+            fp4, reason = block.precision == "nvfp4", block.reason
+            if fp4 and (n % _BLOCK or k % _BLOCK):
+                fp4 = False
+                reason = (f"weight [{n}, {k}]{' per TP rank' if tp > 1 else ''} not a "
+                          f"multiple of {_BLOCK}")
+            out[(block.index, role)] = LinearPlan(block.index, block.kind, role, fp4, reason,
+                                                  (n, k))
+    return out
+
+
+def format_linear_plan(cfg: RunConfig, plan: Dict[Tuple[int, str], LinearPlan]) -> str:
+    """The start-up table: one line per block (index, kind, precision, NVFP4 linears, reason)."""
+    recipe: NVFP4Recipe = cfg.fp4
+    dtype = "bf16" if cfg.training.bf16 else "fp32"
+    lines = ["NVFP4 precision plan (--fp4 nvfp4):",
+             "block  kind       precision  nvfp4 linears            reason",
+             "-----  ---------  ---------  -----------------------  ------------------------"]
+    n_blocks = n_lin = n_all = 0
+    for block in plan_for(recipe, cfg.model.num_layers, cfg.model.hybrid_override_pattern):
+        entries = [plan[(block.index, role)] for role in FP4_LINEARS[block.kind]]
+        fp4 = [e.role for e in entries if e.fp4]
+        n_blocks, n_lin, n_all = n_blocks + bool(fp4), n_lin + len(fp4), n_all + len(entries)
+        reason = block.reason
+        for e in entries:   # linears of an NVFP4 block kept out of FP4, each with its reason
+            if block.precision == "nvfp4" and not e.fp4:
+                reason += f"; {e.role} kept {dtype}: {e.reason}"
+        lines.append(f"{block.index:5d}  {block.kind:<9}  {'nvfp4' if fp4 else dtype:<9}  "
+                     f"{','.join(fp4) or '-':<23}  {reason}")
+    summary = (f"NVFP4 blocks: {n_blocks}/{cfg.model.num_layers}, linears: {n_lin}/{n_all}; "
+               f"rht={recipe.use_rht} sr={recipe.use_sr} 2d_weights={recipe.use_2d_weights}; "
+               f"embedding, output layer, norms, attention core, Mamba conv/SSM: {dtype}")
+    it = switch_iteration(cfg.training.train_iters, recipe.fp4_switch_to_bf16_at)
+    if it is not None:
+        summary += f"; all {dtype} from iteration {it} of {cfg.training.train_iters}"
+    lines.append(summary)
+    return "\n".join(lines)
+
+
+def check_plan(cfg: RunConfig, plan: Dict[Tuple[int, str], LinearPlan]) -> None:
+    """--fp4 nvfp4 that quantizes nothing is a mistake in the flags, not a silent BF16 run."""
+    if any(p.fp4 for p in plan.values()):
+        return
+    r, n = cfg.fp4, cfg.model.num_layers
+    first, last = scaled_bf16_layers(n)
+    if r.fp4_bf16_first_layers + r.fp4_bf16_last_layers >= n:
+        raise ValueError(
+            f"--fp4-bf16-first-layers={r.fp4_bf16_first_layers} + --fp4-bf16-last-layers="
+            f"{r.fp4_bf16_last_layers}: keep all {n} blocks in BF16, so --fp4 nvfp4 would "
+            f"quantize nothing; pass smaller values (the 12B recipe scaled to {n} blocks is "
+            f"--fp4-bf16-first-layers {first} --fp4-bf16-last-layers {last})")
+    raise ValueError(
+        "--fp4 nvfp4: no linear layer of the middle blocks has a per-TP-rank weight whose "
+        f"dimensions are multiples of {_BLOCK}; change the widths (--hidden-size, "
+        "--ffn-hidden-size, heads) or drop --fp4")
+
+
+# ---------------------------------------------------------------------------------------------
+# The linears: megatron's TP linears whose local GEMM can run in NVFP4
+# ---------------------------------------------------------------------------------------------
+
+class RecipeState:
+    """Shared by every NVFP4 linear of a run: what the callback decides per iteration."""
+
+    def __init__(self, recipe: NVFP4Recipe, seed: int):
+        self.recipe = recipe
+        self.seed = seed
+        self.active = False      # off until the callback has tagged the model
+        self.iteration = 0       # completed iterations (0-based index of the running one)
+
+
+class _NVFP4LinearMixin:
+    """Overrides only ``_forward_impl``, the local-GEMM seam of megatron's TP linears: the
+    parent's ``forward`` keeps its comms (column: output gather; row: input scatter, output
+    all-reduce / SP reduce-scatter). What megatron does *inside* its GEMM function is redone
+    here around ``nvfp4_linear``: the SP all-gather of the input (backward reduce-scatter) and
+    the async dgrad all-reduce (as an autograd copy-to-TP-region)."""
+
+    nvfp4_plan: Optional[LinearPlan] = None
+    nvfp4_state: Optional[RecipeState] = None
+    nvfp4_calls = 0          # forward calls in this iteration = micro-batch index for SR seeds
+
+    def nvfp4_enabled(self) -> bool:
+        return (self.nvfp4_plan is not None and self.nvfp4_plan.fp4
+                and self.nvfp4_state is not None and self.nvfp4_state.active)
+
+    def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False,
+                      allreduce_dgrad=False, sequence_parallel=False, tp_group=None, **kwargs):
+        if not self.nvfp4_enabled():
+            return super()._forward_impl(
+                input=input, weight=weight, bias=bias,
+                gradient_accumulation_fusion=gradient_accumulation_fusion,
+                allreduce_dgrad=allreduce_dgrad, sequence_parallel=sequence_parallel,
+                tp_group=tp_group, **kwargs)
+        if sequence_parallel:
+            input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True,
+                                                         group=tp_group)
+        elif allreduce_dgrad:
+            input = copy_to_tensor_model_parallel_region(input, group=tp_group)
+        state, plan = self.nvfp4_state, self.nvfp4_plan
+        group = self.tp_group if self.tp_group is not None and self.tp_group.size() > 1 else None
+        seed = sr_seed(state.seed, state.iteration, plan.layer, plan.role,
+                       microbatch=self.nvfp4_calls,
+                       tp_rank=self.tp_group.rank() if group is not None else 0)
+        self.nvfp4_calls += 1
+        return nvfp4_linear(input, weight, bias, recipe=state.recipe, sr_seed=seed,
+                            amax_reduce_group=group)
+
+
+class NVFP4ColumnParallelLinear(_NVFP4LinearMixin, ColumnParallelLinear):
+    """megatron ColumnParallelLinear; local GEMM in NVFP4 when tagged and the recipe is on."""
+
+
+class NVFP4RowParallelLinear(_NVFP4LinearMixin, RowParallelLinear):
+    """megatron RowParallelLinear; local GEMM in NVFP4 when tagged and the recipe is on."""
+
+
+NVFP4_LINEAR_TYPES = (NVFP4ColumnParallelLinear, NVFP4RowParallelLinear)
+
+
+def tag_model(model_chunks: list, cfg: RunConfig, state: RecipeState,
+              plan: Optional[Dict[Tuple[int, str], LinearPlan]] = None) -> List[LinearPlan]:
+    """Give every NVFP4 linear of this rank's blocks its plan entry and the shared state.
+    Returns the entries of the linears tagged FP4 (this rank, all chunks)."""
+    plan = plan if plan is not None else linear_plan(cfg)
+    pattern = cfg.model.hybrid_override_pattern
+    tagged, fp4 = set(), []
+    for chunk in model_chunks:
+        for layer in _unwrap(chunk).decoder.layers:
+            index = layer.layer_number - 1
+            kind = BLOCK_KINDS[pattern[index]]
+            owner = getattr(layer, _ROLE_OWNER[kind])
+            for role in FP4_LINEARS[kind]:
+                linear = getattr(owner, role)
+                entry = plan[(index, role)]
+                if not isinstance(linear, NVFP4_LINEAR_TYPES):
+                    assert not entry.fp4, f"block {index} {role}: {type(linear).__name__}"
+                    continue
+                assert tuple(linear.weight.shape) == entry.local_shape, \
+                    (index, role, tuple(linear.weight.shape), entry.local_shape)
+                linear.nvfp4_plan, linear.nvfp4_state = entry, state
+                tagged.add(id(linear))
+                if entry.fp4:
+                    fp4.append(entry)
+        # Every NVFP4 linear must have a plan entry: a new spec slot must not go unplanned.
+        stray = [name for name, mod in _unwrap(chunk).named_modules()
+                 if isinstance(mod, NVFP4_LINEAR_TYPES) and id(mod) not in tagged]
+        assert not stray, f"NVFP4 linears outside the plan: {stray}"
+    return fp4
+
+
+def _unwrap(chunk):
+    while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _nvfp4_linears(model_chunks: list):
+    for chunk in model_chunks:
+        for mod in chunk.modules():
+            if isinstance(mod, NVFP4_LINEAR_TYPES):
+                yield mod
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _say(text: str) -> None:
+    if _rank0():
+        print(text, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer wiring
+# ---------------------------------------------------------------------------------------------
+
+class NVFP4Callback(Callback):
+    """Tags the model, prints the plan, drives the per-iteration state (see module docstring).
+
+    The BF16 switch is ``fp4_active(recipe, iteration, train_iters)``, a pure function of the
+    iteration: a run resumed past the switch point starts in BF16 with no checkpointed state."""
+
+    def __init__(self, cfg: RunConfig, model_chunks: list):
+        self.cfg = cfg
+        self.model_chunks = model_chunks
+        self.state = RecipeState(cfg.fp4, cfg.training.seed)
+        self.fp4_linears: List[LinearPlan] = []
+        self._gemms_at_start = 0
+
+    # Callback protocol (megatron_rlp.training.trainer.Callback)
+    def on_train_start(self, trainer) -> None:
+        plan = linear_plan(self.cfg)
+        self.fp4_linears = tag_model(self.model_chunks, self.cfg, self.state, plan)
+        _say(format_linear_plan(self.cfg, plan))
+        self._set_iteration(trainer.iteration, starting=True)
+
+    def on_iteration_start(self, trainer, iteration: int) -> None:
+        self._set_iteration(iteration)
+
+    def metrics(self, trainer) -> dict:
+        return {"fp4_active": self.state.active,
+                "nvfp4_gemms": sum(QUANT_STATS.values()) - self._gemms_at_start}
+
+    def _set_iteration(self, iteration: int, starting: bool = False) -> None:
+        t = self.cfg.training
+        was = self.state.active
+        self.state.iteration = iteration
+        self.state.active = fp4_active(self.state.recipe, iteration, t.train_iters)
+        self._gemms_at_start = sum(QUANT_STATS.values())
+        for linear in _nvfp4_linears(self.model_chunks):
+            linear.nvfp4_calls = 0
+        dtype = "BF16" if t.bf16 else "FP32"
+        switch = switch_iteration(t.train_iters, self.state.recipe.fp4_switch_to_bf16_at)
+        if starting and not self.state.active:
+            _say(f"NVFP4: starting at iteration {iteration}, at or past the switch point "
+                 f"(iteration {switch}): all blocks {dtype}")
+        elif was and not self.state.active:
+            _say(f"NVFP4: switching all blocks to {dtype} at iteration {iteration} "
+                 f"(--fp4-switch-to-bf16-at {self.state.recipe.fp4_switch_to_bf16_at} of "
+                 f"{t.train_iters} iterations)")
+
+
+def spec_hook(cfg: RunConfig):
+    """MODEL_SPEC_HOOKS entry: the hybrid spec with NVFP4 linears under --fp4 nvfp4."""
+    if not cfg.fp4.enabled:
+        return None
+    check_plan(cfg, linear_plan(cfg))
+    from megatron_rlp.models.spec import hybrid_stack_spec
+
+    return hybrid_stack_spec(column_linear=NVFP4ColumnParallelLinear,
+                             row_linear=NVFP4RowParallelLinear)
+
+
+def callback_factory(cfg: RunConfig, model_chunks: list, tokenizer):
+    """CALLBACK_FACTORIES entry."""
+    return NVFP4Callback(cfg, model_chunks) if cfg.fp4.enabled else None
+
+
+def _register() -> None:
+    register_section("fp4", NVFP4Recipe)
+    from megatron_rlp import train  # the running module too (train.py aliases __main__)
+    if spec_hook not in train.MODEL_SPEC_HOOKS:
+        train.MODEL_SPEC_HOOKS.append(spec_hook)
+    if callback_factory not in train.CALLBACK_FACTORIES:
+        train.CALLBACK_FACTORIES.append(callback_factory)
+
+
+_register()
