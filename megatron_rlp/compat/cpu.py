@@ -71,16 +71,39 @@ class CudaToCpuMode(TorchFunctionMode):
 def patch_cuda_device_queries() -> None:
     """`torch.cuda.current_device()` / `synchronize()` are called at buffer creation, in DDP, p2p
     communication and `dist_checkpointing/strategies/filesystem_async.py`. Without CUDA they raise;
-    we answer the CPU device and make synchronisation a no-op.
-
-    The answer must be `torch.device("cpu")`, not 0 left for `CudaToCpuMode` to map: a mode is
-    popped while its own handler runs, so the whole backward pass (entered via
-    `torch.autograd.backward`, which dispatches to the mode) runs without it, and the
-    sequence-parallel buffers that `tensor_parallel/layers.py` / `mappings.py` allocate there with
-    `device=torch.cuda.current_device()` would ask for a real accelerator."""
-    torch.cuda.current_device = lambda: torch.device("cpu")
+    we answer device 0 (mapped to the CPU by `CudaToCpuMode`) and make synchronisation a no-op."""
+    torch.cuda.current_device = lambda: 0
     torch.cuda.synchronize = lambda device=None: None
     torch.cuda.device_count = lambda: 0
+
+
+def patch_tensor_parallel_backward() -> None:
+    """Run the backward of megatron's tensor-parallel autograd Functions under `CudaToCpuMode`.
+
+    A mode is popped while its own handler runs, and `torch.autograd.backward` dispatches to the
+    mode, so the whole backward pass runs without it. The sequence-parallel backward paths in
+    `tensor_parallel/layers.py` (`LinearWithGradAccumulationAndAsyncCommunication`) and
+    `tensor_parallel/mappings.py` (gather / reduce-scatter) allocate their communication buffers
+    with `device=torch.cuda.current_device()` there, which would ask for a real accelerator."""
+    for module_name in ("megatron.core.tensor_parallel.layers",
+                        "megatron.core.tensor_parallel.mappings"):
+        module = importlib.import_module(module_name)
+        for obj in list(vars(module).values()):
+            if not (isinstance(obj, type) and issubclass(obj, torch.autograd.Function)
+                    and "backward" in vars(obj)
+                    and obj.__module__ == module_name):
+                continue
+            original = vars(obj)["backward"]
+            original = original.__func__ if isinstance(original, staticmethod) else original
+            if getattr(original, "_megatron_rlp_patched", False):
+                continue
+
+            def backward(ctx, *grads, _original=original):
+                with CudaToCpuMode():
+                    return _original(ctx, *grads)
+
+            backward._megatron_rlp_patched = True
+            obj.backward = staticmethod(backward)
 
 
 def patch_final_norm() -> None:
@@ -212,6 +235,7 @@ def apply_cpu_patches(force: bool = False) -> bool:
     patch_cuda_device_queries()
     patch_rng_tracker()
     patch_final_norm()
+    patch_tensor_parallel_backward()
     patch_distributed_optimizer_step()
     mode = CudaToCpuMode()
     mode.__enter__()  # active for the life of the process: megatron allocates lazily, anywhere
