@@ -1,32 +1,69 @@
 #!/usr/bin/env bash
-# The main job on the embedded default, end to end on a CPU:
-#   1. generate the embedded corpus and train the tiny hybrid model (200 iterations)
-#   2. plot the loss curve and print where everything is
-# Usage: bash examples/demo.sh [OUT_DIR]   (default runs/demo)
+# The main job on the embedded default, end to end on a CPU (no downloads):
+#   1. generate the embedded corpus, score it into quality tiers, build a two-phase blend
+#   2. pretrain the tiny hybrid model on that blend (200 iterations, phase switch inside the run)
+#   3. a short RLP stage from the pretrained checkpoint
+#   4. export to Hugging Face NemotronH and generate with transformers
+#   5. plots and a summary of where everything is
+# Usage: bash examples/demo.sh [OUT_DIR]   (default runs/demo; re-running resumes/skips done steps)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-runs/demo}"
 export TORCHDYNAMO_DISABLE=1
 mkdir -p "$OUT"
 start=$(date +%s)
+# 200 iterations x 8 sequences x 128 tokens
+TOKENS=$((200 * 8 * 128))
 
-echo "== 1/2 pretraining the tiny hybrid model (examples/tiny_cpu.yaml) =="
+echo "== 1/5 embedded corpus -> quality tiers -> two-phase blend =="
+bash examples/build_embedded_blend.sh "$OUT/blend" "$TOKENS" "$OUT/data" | tail -n 25
+
+echo "== 2/5 pretraining the tiny hybrid model (examples/tiny_cpu.yaml, two-phase data) =="
 python -m megatron_rlp.train --config examples/tiny_cpu.yaml \
-    --embedded-data-dir "$OUT/data" --save "$OUT/pretrain" --load "$OUT/pretrain" \
-    | tee "$OUT/pretrain.log"
+    --embedded-data-dir "$OUT/data" --data-phases "$OUT/blend/two_phase_blend.yaml" \
+    --save "$OUT/pretrain" --load "$OUT/pretrain" | tee "$OUT/pretrain.log"
 
-echo "== 2/2 plotting =="
+echo "== 3/5 RLP stage (examples/tiny_rlp.yaml) from the pretrained weights =="
+python -m megatron_rlp.train --config examples/tiny_rlp.yaml \
+    --embedded-data-dir "$OUT/data" --load "$OUT/pretrain" --save "$OUT/rlp" \
+    | tee "$OUT/rlp.log"
+
+echo "== 4/5 export to Hugging Face and generate with transformers =="
+python tools/convert_checkpoint.py --to-hf --load "$OUT/rlp" --save "$OUT/hf" --overwrite
+python - "$OUT/hf" <<'PY'
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+hf_dir = sys.argv[1]
+tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+print(f"transformers loaded {type(model).__name__} from {hf_dir}")
+for prompt in ["12 + 7 = ", "Solve for x: 3x + 4 = 19."]:
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=24, do_sample=False)
+    print(f"  {prompt!r} -> {tokenizer.decode(out[0, ids.shape[1]:])!r}")
+PY
+
+echo "== 5/5 plots =="
 python examples/plot_metrics.py "$OUT/pretrain/metrics.jsonl" --out "$OUT/loss.png" \
-    --title "tiny hybrid M*M-M- pretraining"
+    --title "tiny hybrid M*M-M- pretraining (dashed: data phase switch)"
+python examples/plot_metrics.py "$OUT/rlp/metrics.jsonl" --out "$OUT/rlp.png" \
+    --keys reward_mean loss --title "RLP stage"
 
 python - "$OUT" "$start" <<'PY'
 import json, sys, time
 out, start = sys.argv[1], int(sys.argv[2])
-records = [json.loads(l) for l in open(f"{out}/pretrain/metrics.jsonl") if l.strip()]
+def records(run):
+    return [json.loads(l) for l in open(f"{out}/{run}/metrics.jsonl") if l.strip()]
+pre, rlp = records("pretrain"), records("rlp")
+phases = sorted({r.get("phase") for r in pre if r.get("phase")})
 print("\n== summary ==")
-print(f"pretraining: loss {records[0]['loss']:.3f} (iter {records[0]['iteration']}) -> "
-      f"{records[-1]['loss']:.3f} (iter {records[-1]['iteration']})")
-print(f"checkpoints:  {out}/pretrain/iter_*   metrics: {out}/pretrain/metrics.jsonl")
-print(f"loss plot:    {out}/loss.png")
+print(f"pretraining:  loss {pre[0]['loss']:.3f} (iter {pre[0]['iteration']}) -> "
+      f"{pre[-1]['loss']:.3f} (iter {pre[-1]['iteration']}), data phases {phases}")
+print(f"RLP stage:    {len(rlp)} iterations, reward_mean first {rlp[0]['reward_mean']:+.4f} "
+      f"last {rlp[-1]['reward_mean']:+.4f}")
+print(f"checkpoints:  {out}/pretrain  {out}/rlp   (resume: same command; load: "
+      f"megatron_rlp.load_model('{out}/rlp'))")
+print(f"HF export:    {out}/hf")
+print(f"plots:        {out}/loss.png  {out}/rlp.png")
 print(f"wall time:    {time.time() - start:.0f} s")
 PY
