@@ -76,20 +76,10 @@ def resolve_data(cfg: RunConfig, tokenizer):
         return list(cfg.data.data_path), list(cfg.data.valid_data_path) or None
     out_dir = cfg.data.embedded_data_dir or os.path.join(
         os.path.expanduser("~"), ".cache", "megatron_rlp", "embedded")
-    train_prefix = _on_rank_zero_first(lambda: ensure_embedded_dataset(out_dir))
+    # Safe on every rank at once: generation holds a file lock and renames into place.
+    train_prefix = ensure_embedded_dataset(out_dir)
     paths = embedded_paths(out_dir)
     return [train_prefix], [paths.valid_prefix]
-
-
-def _on_rank_zero_first(fn):
-    """Run `fn` on rank 0, then on the others (idempotent file generation without races)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return fn()
-    result = fn() if dist.get_rank() == 0 else None
-    dist.barrier()
-    return result if dist.get_rank() == 0 else fn()
 
 
 def build_data_source(cfg: RunConfig, tokenizer, data_path: list, num_samples: int,
@@ -103,9 +93,10 @@ def build_data_source(cfg: RunConfig, tokenizer, data_path: list, num_samples: i
             return source
     cache = cfg.data.data_cache_path or (os.path.join(cfg.checkpoint.save, "cache")
                                          if cfg.checkpoint.save else None)
-    dataset = _on_rank_zero_first(lambda: build_pretraining_dataset(
+    # Called on every rank: megatron's builder indexes on rank 0 first and then the others read.
+    dataset = build_pretraining_dataset(
         data_path, seq_length=cfg.training.seq_length, num_samples=num_samples,
-        seed=cfg.training.seed, tokenizer=tokenizer, split=split, cache_dir=cache))
+        seed=cfg.training.seed, tokenizer=tokenizer, split=split, cache_dir=cache)
     return DatasetSource(dataset)
 
 

@@ -192,24 +192,24 @@ class PhasedSource:
 
 
 def build_phased_source(phases: list[Phase], tokenizer, seq_length: int, global_batch_size: int,
-                        total_samples: int, seed: int, cache_dir: Optional[str] = None,
-                        build=None) -> PhasedSource:
+                        total_samples: int, seed: int,
+                        cache_dir: Optional[str] = None) -> PhasedSource:
     """One megatron-core dataset per phase, each sized for what the run reads from it."""
     from megatron_rlp.data.datasets import build_pretraining_dataset
 
     budgets = blend_lib.phase_sample_budgets([p.tokens for p in phases], seq_length,
                                              global_batch_size)
     wanted = blend_lib.samples_per_phase(total_samples, budgets)
-    build = build or (lambda fn: fn())
     datasets = []
     for k, (p, n, want) in enumerate(zip(phases, budgets, wanted)):
         # Size every phase for at least its budget: its sample order must not depend on how far a
         # particular run goes (megatron-core's shuffle depends on the requested size).
         size = max(n, want)
         try:
-            ds = build(lambda p=p, size=size, k=k: build_pretraining_dataset(
+            # Every rank calls this: megatron's builder indexes on rank 0 first, then the rest.
+            ds = build_pretraining_dataset(
                 p.data_path, seq_length=seq_length, num_samples=size, seed=seed + k,
-                tokenizer=tokenizer, split="train", cache_dir=cache_dir))
+                tokenizer=tokenizer, split="train", cache_dir=cache_dir)
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"--data-phases phase {p.name!r}: {e}") from None
         datasets.append(ds)
@@ -235,15 +235,13 @@ def phased_source_builder(cfg, tokenizer, split: str):
     path = cfg.phases.data_phases
     if not path or split != "train":
         return None
-    from megatron_rlp.train import _on_rank_zero_first
-
     phases = load_blend(path)
     gbs = _global_batch_size(cfg)
     total = cfg.training.train_iters * gbs
     cache = cfg.data.data_cache_path or (os.path.join(cfg.checkpoint.save, "cache")
                                          if cfg.checkpoint.save else None)
     source = build_phased_source(phases, tokenizer, cfg.training.seq_length, gbs, total,
-                                 cfg.training.seed, cache_dir=cache, build=_on_rank_zero_first)
+                                 cfg.training.seed, cache_dir=cache)
     if _is_rank_zero():
         print(source.summary(total), flush=True)
     _BUILT[id(cfg)] = source  # picked up by phase_callback_factory, which build_run calls next

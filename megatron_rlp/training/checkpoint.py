@@ -173,8 +173,12 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
     if optimizer is not None and scheduler is not None:
         state["scheduler"] = common["scheduler"]
     for name, component in (components or {}).items():
-        if f"ext_{name}" in common or _has_prefix(ckpt_dir, f"ext_{name}"):
-            state[f"ext_{name}"] = component.sharded_state_dict()
+        if not (f"ext_{name}" in common or _has_prefix(ckpt_dir, f"ext_{name}")):
+            # Resuming without e.g. the EMA teacher would silently restart it from the student.
+            raise ValueError(f"{ckpt_dir} has no saved state for '{name}' (keys 'ext_{name}*'); "
+                             "it was saved by a different stage or version: start a new stage "
+                             "with --finetune instead of resuming")
+        state[f"ext_{name}"] = component.sharded_state_dict()
     same_layout = _saved_layout(common) == _current_layout()
     if load_rng and same_layout:
         state["rng_state"] = _rng_sharded_object(None)
