@@ -39,18 +39,28 @@ SPLITS = ("high_quality", "reasoning", "web")
 
 def scale(quick: bool) -> dict:
     if quick:
-        return {"shape": "micro", "seq": 32, "mbs": 4, "iters": 6, "eval_docs": 6, "eval_windows": 6}
+        return {"shape": "micro", "seq": 32, "mbs": 4, "iters": 6, "eval_docs": 6, "eval_windows": 6,
+                "classify_docs": 600}
     return {"shape": "small", "seq": 128, "mbs": 8, "iters": 150, "eval_docs": 40,
-            "eval_windows": None}
+            "eval_windows": None, "classify_docs": 0}
 
 
-def build_blend(out: str, embedded: str, total_tokens: int) -> tuple[str, str]:
-    """Quality tiers (cached in OUT/data/tiers) + two-phase blend + the random-order blend."""
+def build_blend(out: str, embedded: str, total_tokens: int,
+                max_docs: int = 0) -> tuple[str, str]:
+    """Quality tiers (cached in OUT/data/tiers) + two-phase blend + the random-order blend.
+
+    max_docs > 0 classifies only the first max_docs training documents (quick mode: the
+    classifier pass over the whole corpus dominates a smoke test's run time)."""
     data = os.path.join(out, "data")
     tiers = os.path.join(data, "tiers")
     os.makedirs(data, exist_ok=True)
     if not os.path.exists(os.path.join(tiers, "manifest.json")):
         from megatron_rlp.data.corpus import generate_corpus, write_jsonl
+
+        corpus = os.path.join(embedded, "embedded.jsonl")
+        if max_docs:
+            corpus = write_jsonl(C.read_jsonl(corpus)[:max_docs],
+                                 os.path.join(data, "corpus_subset.jsonl"))
 
         # Classifier examples from a separately seeded corpus (as build_embedded_blend.sh does).
         docs = generate_corpus(1000, 99)
@@ -60,7 +70,7 @@ def build_blend(out: str, embedded: str, total_tokens: int) -> tuple[str, str]:
                          os.path.join(data, "examples_low.jsonl"))
         subprocess.check_call(
             [sys.executable, os.path.join(C.REPO, "tools", "estimate_quality.py"),
-             "--input", os.path.join(embedded, "embedded.jsonl"), "--output-dir", tiers,
+             "--input", corpus, "--output-dir", tiers,
              "--append-eod", "--high-examples", hi, "--low-examples", lo,
              "--category", "arithmetic=math", "algebra=math"],
             stdout=subprocess.DEVNULL, cwd=C.REPO)
@@ -111,7 +121,7 @@ def main(argv=None) -> dict:
     seeds = args.seeds or [1234]
     embedded = C.ensure_embedded(args.embedded_data_dir)
     total_tokens = sc["iters"] * sc["mbs"] * sc["seq"]
-    two_phase_yaml, random_yaml = build_blend(out, embedded, total_tokens)
+    two_phase_yaml, random_yaml = build_blend(out, embedded, total_tokens, sc["classify_docs"])
 
     common_flags = C.flags({
         **C.SHAPES[sc["shape"]], "seq-length": sc["seq"], "micro-batch-size": sc["mbs"],
