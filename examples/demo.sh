@@ -47,7 +47,7 @@ echo "== 5/5 plots =="
 python examples/plot_metrics.py "$OUT/pretrain/metrics.jsonl" --out "$OUT/loss.png" \
     --title "tiny hybrid M*M-M- pretraining (dashed: data phase switch)"
 python examples/plot_metrics.py "$OUT/rlp/metrics.jsonl" --out "$OUT/rlp.png" \
-    --keys reward_mean loss --title "RLP stage"
+    --keys reward_mean info_gain_positive_frac thought_len_mean --title "RLP stage"
 
 python - "$OUT" "$start" <<'PY'
 import json, sys, time
