@@ -148,11 +148,17 @@ def check_plan(cfg: RunConfig, plan: Dict[Tuple[int, str], LinearPlan]) -> None:
 class RecipeState:
     """Shared by every NVFP4 linear of a run: what the callback decides per iteration."""
 
-    def __init__(self, recipe: NVFP4Recipe, seed: int):
+    def __init__(self, recipe: NVFP4Recipe, seed: int, dp_rank: int = 0, dp_size: int = 1):
         self.recipe = recipe
         self.seed = seed
         self.active = False      # off until the callback has tagged the model
         self.iteration = 0       # completed iterations (0-based index of the running one)
+        # Micro-batch j of DP rank r is global micro-batch j * dp_size + r (the trainer's sample
+        # layout), so DP ranks draw independent SR noise and DP=2 draws what DP=1 would.
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def microbatch(self, local_index: int) -> int:
+        return local_index * self.dp_size + self.dp_rank
 
 
 class _NVFP4LinearMixin:
@@ -186,7 +192,7 @@ class _NVFP4LinearMixin:
         state, plan = self.nvfp4_state, self.nvfp4_plan
         group = self.tp_group if self.tp_group is not None and self.tp_group.size() > 1 else None
         seed = sr_seed(state.seed, state.iteration, plan.layer, plan.role,
-                       microbatch=self.nvfp4_calls,
+                       microbatch=state.microbatch(self.nvfp4_calls),
                        tp_rank=self.tp_group.rank() if group is not None else 0)
         self.nvfp4_calls += 1
         return nvfp4_linear(input, weight, bias, recipe=state.recipe, sr_seed=seed,
@@ -270,7 +276,11 @@ class NVFP4Callback(Callback):
     def __init__(self, cfg: RunConfig, model_chunks: list):
         self.cfg = cfg
         self.model_chunks = model_chunks
-        self.state = RecipeState(cfg.fp4, cfg.training.seed)
+        from megatron.core import parallel_state
+
+        self.state = RecipeState(cfg.fp4, cfg.training.seed,
+                                 parallel_state.get_data_parallel_rank(),
+                                 parallel_state.get_data_parallel_world_size())
         self.fp4_linears: List[LinearPlan] = []
         self._gemms_at_start = 0
 
