@@ -19,7 +19,7 @@
 Mechanism record: the RLP reward (info gain) curve, the share of thoughts with positive info gain
 and of groups whose rewards were all equal — i.e. whether thoughts change the target log-prob.
 
-Outputs in --out: report.md, metrics.json, reward.png, eval.png, runs/{base,rlp_*,cpt_*}/.
+Outputs in --out: report.md, metrics.json, reward.png, eval.png, runs/{base,rlp_lr*,cpt_<iters>it}/.
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
         "seed": args.seed}), reuse=reuse)
 
     runs = {"base": {"kind": "base", "final_train_loss": C.last(base_rows, "loss"),
-                     "wall_s": C.run_wall_s(base)}}
+                     "wall_s": C.run_wall_s(base), "save": base}}
     rlp_rows = {}
     for lr in sc["rlp_lrs"]:
         name = f"rlp_lr{lr:g}"
@@ -113,7 +113,7 @@ def main(argv=None) -> dict:
             "groups": int(sum(r["groups"] for r in rows)),
             "thought_len_mean": sum(r["thought_len_mean"] for r in rows) / len(rows),
             "final_grad_norm": C.last(rows, "grad_norm"), "wall_s": C.run_wall_s(save),
-            "reward_curve": C.series(rows, "reward_mean"),
+            "reward_curve": C.series(rows, "reward_mean"), "save": save,
         }
 
     # 3. FLOP-matched CPT, one per distinct RLP token count (they differ only by thought lengths)
@@ -124,7 +124,8 @@ def main(argv=None) -> dict:
         t = runs[name]["ntp_equivalent_tokens"]
         iters = max(1, math.ceil(t / (sc["mbs"] * sc["seq"])))
         cname = f"cpt_for_{name}"
-        save = os.path.join(out, "runs", cname)
+        # RLP runs whose token counts round to the same batches share one CPT run.
+        save = os.path.join(out, "runs", f"cpt_{iters}it")
         rows = C.train(save, model + C.flags({
             "load": base, "finetune": True, "micro-batch-size": sc["mbs"], "train-iters": iters,
             "lr": cpt_lr, "min-lr": cpt_lr, "lr-decay-style": "constant", "lr-warmup-iters": 0,
@@ -132,16 +133,20 @@ def main(argv=None) -> dict:
             "seed": args.seed + 2}), reuse=reuse)
         runs[cname] = {"kind": "cpt", "matched_to": name, "lr": cpt_lr, "iters": iters,
                        "tokens": iters * sc["mbs"] * sc["seq"],
-                       "final_train_loss": C.last(rows, "loss"), "wall_s": C.run_wall_s(save)}
+                       "final_train_loss": C.last(rows, "loss"), "wall_s": C.run_wall_s(save),
+                       "save": save}
 
     # 4. evaluation
     docs = C.read_jsonl(os.path.join(embedded, "embedded_valid.jsonl"))
     texts = [d["text"] for d in docs if d["source"] in ("arithmetic", "algebra")][:sc["eval_docs"]]
     texts += [d["text"] for d in docs if d["source"] not in ("arithmetic", "algebra")][
         :max(1, sc["eval_docs"] // 3)]
+    evals = {}
     for name, r in runs.items():
-        r["eval"] = C.eval_tokens(os.path.join(out, "runs", name), texts, sc["seq"], classify,
-                                  max_windows=sc["eval_windows"])
+        if r["save"] not in evals:
+            evals[r["save"]] = C.eval_tokens(r["save"], texts, sc["seq"], classify,
+                                             max_windows=sc["eval_windows"])
+        r["eval"] = evals[r["save"]]
 
     metrics = {"experiment": "rlp_vs_cpt", "quick": args.quick, "scale": sc, "runs": runs,
                "eval_tokens": {c: runs["base"]["eval"].get(c, {}).get("tokens", 0)
