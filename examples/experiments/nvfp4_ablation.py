@@ -107,6 +107,12 @@ def main(argv=None) -> dict:
                       "rel_gap_max": max(r["rel_gap_to_bf16"] for r in rs),
                       "final_valid_loss_mean": C.mean_std([r["final_valid_loss"] for r in rs])[0],
                       "wall_s_mean": C.mean_std([r["wall_s"] for r in rs])[0]}
+        # Paired by seed (same init and data): the ablation's gap minus the full recipe's.
+        paired = [r["rel_gap_to_bf16"] - runs[f"nvfp4_s{r['seed']}"]["rel_gap_to_bf16"]
+                  for r in rs if f"nvfp4_s{r['seed']}" in runs]
+        if paired:
+            pm, ps = C.mean_std(paired)
+            summary[v].update(paired_vs_nvfp4_mean=pm, paired_vs_nvfp4_std=ps)
     metrics = {"experiment": "nvfp4_ablation", "quick": args.quick, "scale": sc,
                "shape": FP4_SHAPE, "runs": runs, "summary": summary}
 
@@ -151,9 +157,12 @@ def report(m: dict) -> str:
         rows.append([v, s[v]["final_valid_loss_mean"], f"{100 * s[v]['rel_gap_mean']:+.2f}%",
                      f"{100 * s[v]['rel_gap_std']:.2f}%",
                      f"[{100 * s[v]['rel_gap_min']:+.2f}, {100 * s[v]['rel_gap_max']:+.2f}]%",
+                     f"{100 * s[v].get('paired_vs_nvfp4_mean', 0):+.2f} ± "
+                     f"{100 * s[v].get('paired_vs_nvfp4_std', 0):.2f} pp",
                      f"{max(diffs):.4f}" if diffs else "-", s[v]["wall_s_mean"]])
     table = C.md_table(["variant", "held-out loss", "gap to BF16 (mean)", "std", "range",
-                        "max |Δloss| vs nvfp4 curve", "wall s"], rows)
+                        "gap − nvfp4 gap (paired by seed)", "max |Δloss| vs nvfp4 curve",
+                        "wall s"], rows)
     noop = [v for v in sc["variants"] if v not in ("bf16", "nvfp4") and all(
         r.get("max_abs_loss_diff_vs_nvfp4", 1.0) == 0.0 for r in runs.values()
         if r["variant"] == v)]
@@ -161,6 +170,10 @@ def report(m: dict) -> str:
     ablations = {v: s[v]["rel_gap_mean"] for v in sc["variants"]
                  if v not in ("bf16", "nvfp4", "late_switch")}
     worse = [v for v, g in ablations.items() if full is not None and g > full]
+    # "Resolved": the paired difference exceeds twice its standard error over seeds.
+    n = len(sc["seeds"])
+    resolved = [v for v in ablations if n > 1 and abs(s[v].get("paired_vs_nvfp4_mean", 0))
+                > 2 * s[v].get("paired_vs_nvfp4_std", 0) / n ** 0.5]
     return f"""# NVFP4 recipe ablation (CPU scale)
 
 {"**QUICK smoke-test scale: numbers are not meaningful.**" if m["quick"] else ""}
@@ -182,6 +195,8 @@ def report(m: dict) -> str:
 - Full recipe gap to BF16: {f"{100 * full:+.2f}%" if full is not None else "n/a"}.
 - Ablations with a larger mean gap than the full recipe (the paper's direction: each component
   helps): {worse or "none"}; with a smaller or equal gap: {[v for v in ablations if v not in worse] or "none"}.
+- Differences resolved beyond 2 standard errors of the seed-paired difference: {resolved or "none"}
+  — anything else in the line above is within seed noise at this scale.
 - Mechanism check — flags that left the loss curve bit-identical to the full recipe (no-ops):
   {noop or "none (every knob changes the numerics)"}.
 
