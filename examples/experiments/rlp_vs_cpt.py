@@ -38,7 +38,7 @@ def scale(quick: bool) -> dict:
         return {"shape": "micro", "seq": 32, "mbs": 4, "pretrain_iters": 4, "rlp_iters": 2,
                 "rlp_mbs": 1, "thoughts": 2, "thought_len": 4, "min_prefix": 8,
                 "max_context": 24, "eval_docs": 4, "eval_windows": 4, "rlp_lrs": [1e-4]}
-    return {"shape": "small", "seq": 128, "mbs": 8, "pretrain_iters": 200, "rlp_iters": 24,
+    return {"shape": "small", "seq": 128, "mbs": 8, "pretrain_iters": 150, "rlp_iters": 24,
             "rlp_mbs": 2, "thoughts": 4, "thought_len": 16, "min_prefix": 16,
             "max_context": 64, "eval_docs": 60, "eval_windows": None, "rlp_lrs": [1e-6, 1e-4]}
 
