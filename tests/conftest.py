@@ -8,6 +8,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+# Triton decides interpreted-or-compiled when a kernel module is first imported, and any test may
+# import it first (quant -> kernels): set the interpreter for the whole session on CPU hosts.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
