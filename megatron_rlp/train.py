@@ -227,7 +227,7 @@ def main(argv: Optional[list] = None) -> int:
             dry_run(cfg)
             return 0
         run_training(cfg)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, FloatingPointError) as error:
         # Every rank raises the same error (checks run identically everywhere, or are agreed on
         # collectively); one line from global rank 0 is enough. All ranks exit with 2.
         if os.environ.get("RANK", "0") == "0":

@@ -96,3 +96,12 @@ def test_unknown_flag_is_one_line_error():
     result = run_cli(["--hiden-size", "8"])
     assert result.returncode == 2
     assert "unrecognized arguments: --hiden-size" in result.stderr
+
+
+def test_non_finite_gradients_stop_the_run_without_saving(tiny_flags, tmp_path):
+    save = str(tmp_path / "diverged")
+    result = run_cli(tiny_flags + ["--train-iters", "20", "--save", save, "--save-interval", "50",
+                                   "--lr", "1e30", "--min-lr", "1e30", "--lr-warmup-iters", "0"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "non-finite gradient norm" in result.stderr
+    assert not os.path.exists(os.path.join(save, "latest"))

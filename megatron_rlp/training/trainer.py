@@ -13,6 +13,7 @@ the schedule and optimizer come from the checkpoint, RNG is restored.
 """
 from __future__ import annotations
 
+import math
 import signal
 import time
 from functools import partial
@@ -174,9 +175,13 @@ class Trainer:
         self.optimizer.zero_grad()
         outputs = self._forward_backward()
         update_ok, grad_norm, _ = self.optimizer.step()
-        if not update_ok:
-            raise FloatingPointError(f"iteration {self.iteration + 1}: optimizer step skipped "
-                                     "(non-finite gradients)")
+        # fp32/bf16 optimizers never skip a step, so a NaN/inf gradient would silently poison the
+        # weights. The norm is global (same value on every rank), so all ranks stop together;
+        # nothing is saved after this point, so `latest` still names the last good checkpoint.
+        if not update_ok or (grad_norm is not None and not math.isfinite(float(grad_norm))):
+            raise FloatingPointError(
+                f"iteration {self.iteration + 1}: non-finite gradient norm ({grad_norm}); the "
+                "last checkpoint is intact: resume from it with a lower --lr or check the data")
         self.scheduler.step(increment=1)
         self.iteration += 1
         self.consumed_samples += self.global_batch_size
