@@ -201,6 +201,21 @@ def main(argv=None) -> dict:
     return metrics
 
 
+def resolved(m: dict) -> list[str]:
+    """'split: a < b' for variant pairs whose mean loss difference exceeds the combined std."""
+    s, out = m["summary"], []
+    if len(m["seeds"]) < 2:
+        return out
+    for split in ("high_quality", "reasoning"):
+        for i, a in enumerate(VARIANTS):
+            for b in VARIANTS[i + 1:]:
+                d = s[a][split]["mean"] - s[b][split]["mean"]
+                if abs(d) > (s[a][split]["std"] ** 2 + s[b][split]["std"] ** 2) ** 0.5:
+                    lo, hi = (a, b) if d < 0 else (b, a)
+                    out.append(f"{split}: {lo} < {hi} ({abs(d):.4f})")
+    return out
+
+
 def report(m: dict) -> str:
     sc, s = m["scale"], m["summary"]
     rows = [[v] + [f"{s[v][k]['mean']:.4f} ± {s[v][k]['std']:.4f}" for k in SPLITS]
@@ -241,6 +256,8 @@ Per run:
 - Reasoning split: two_phase {tp:.4f} vs random {rnd:.4f} vs natural {nat:.4f}
   (Δ two_phase − natural = {tp - nat:+.4f}, Δ two_phase − random = {tp - rnd:+.4f} nats/token).
 - High-quality split: lowest loss for `{best}`.
+- Seed noise: a difference counts as resolved only if it exceeds the two variants' stds combined
+  (sqrt(std_a² + std_b²)); with one seed nothing is resolved. Resolved pairs: {resolved(m) or "none"}.
 - The paper's direction is two_phase < random < natural on quality/reasoning evaluations. Where the
   table disagrees, it is stated here as measured; see the caveats.
 
