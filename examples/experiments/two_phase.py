@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     sc = scale(args.quick)
     if args.train_iters:
         sc["iters"] = args.train_iters
-    seeds = args.seeds or [1234]
+    seeds = args.seeds or ([1234] if args.quick else [1234, 1235, 1236])
     embedded = C.ensure_embedded(args.embedded_data_dir)
     total_tokens = sc["iters"] * sc["mbs"] * sc["seq"]
     two_phase_yaml, random_yaml = build_blend(out, embedded, total_tokens, sc["classify_docs"])
