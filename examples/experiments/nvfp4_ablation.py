@@ -56,7 +56,7 @@ def scale(quick: bool) -> dict:
     if quick:
         return {"seq": 32, "mbs": 2, "iters": 3, "variants": ["bf16", "nvfp4"], "seeds": [1],
                 "eval_iters": 1}
-    return {"seq": 64, "mbs": 4, "iters": 24, "variants": list(VARIANTS), "seeds": [1, 2],
+    return {"seq": 64, "mbs": 4, "iters": 96, "variants": list(VARIANTS), "seeds": [1, 2, 3],
             "eval_iters": 4}
 
 
