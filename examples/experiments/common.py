@@ -204,6 +204,8 @@ def mean_std(xs: list[float]) -> tuple[float, float]:
 
 def fmt(x, digits: int = 4) -> str:
     if isinstance(x, float):
+        if x != 0 and abs(x) < 10 ** -(digits - 1):  # e.g. a learning rate of 1e-6
+            return f"{x:.3g}"
         return f"{x:.{digits}f}"
     return str(x)
 
