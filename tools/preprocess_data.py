@@ -21,11 +21,8 @@ in input order, so the output is byte-identical for any N. The last stdout line 
 from __future__ import annotations
 
 import argparse
-import collections
 import gzip
-import itertools
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -38,13 +35,10 @@ except ImportError:  # run from a checkout without installing
 
 import numpy as np
 
+from megatron_rlp.data.preprocess import ordered_results
 from megatron_rlp.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 
 MAX_REPORTED_SKIPS = 20
-
-# Per-process state set by _init_worker (the pool initializer, or directly when --workers 1).
-_STATE: dict = {}
-
 
 def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
@@ -73,55 +67,6 @@ def get_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _init_worker(tokenizer_type: str, tokenizer_model: Optional[str], json_keys: list[str],
-                 append_eod: bool, dtype_name: str) -> None:
-    # Parallelism comes from --workers; a hidden thread pool per worker would oversubscribe.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tok = build_tokenizer(tokenizer_type, tokenizer_model)
-    _STATE.update(tokenizer=tok, keys=json_keys, eod=tok.eod if append_eod else None,
-                  dtype=np.dtype(dtype_name))
-
-
-def _encode_chunk(chunk: list[tuple[int, bytes]]) -> tuple[list, list]:
-    """[(line number, raw line)] → (errors [(lineno, reason)], [(tokens, lengths) per key]).
-
-    The documents of a chunk travel back as one flat array plus their lengths per key: pickling
-    thousands of small arrays would cost the parent more than writing them.
-    """
-    tok, keys, eod, dtype = _STATE["tokenizer"], _STATE["keys"], _STATE["eod"], _STATE["dtype"]
-    errors, texts = [], {k: [] for k in keys}
-    for lineno, raw in chunk:
-        if not raw.strip():
-            continue
-        try:
-            doc = json.loads(raw)  # bytes: decoded as UTF-8, errors raise ValueError
-        except ValueError as e:
-            errors.append((lineno, f"not valid JSON ({e})"))
-            continue
-        if not isinstance(doc, dict):
-            errors.append((lineno, f"expected a JSON object, got {type(doc).__name__}"))
-            continue
-        bad = [k for k in keys if not isinstance(doc.get(k), str)]
-        if bad:
-            k = bad[0]
-            what = "missing" if k not in doc else f"of type {type(doc[k]).__name__}, not a string"
-            errors.append((lineno, f"key {k!r} is {what}"))
-            continue
-        for k in keys:
-            texts[k].append(doc[k])
-    per_key = []
-    for k in keys:
-        ids = tok.encode_batch(texts[k])
-        if eod is not None:
-            for doc_ids in ids:
-                doc_ids.append(eod)
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype,
-                           count=int(lengths.sum()))
-        per_key.append((flat, lengths))
-    return errors, per_key
-
-
 class _InputReader:
     """Numbered raw lines of a plain or gzip file (detected by magic bytes), and progress bytes."""
 
@@ -147,25 +92,6 @@ class _InputReader:
     def close(self) -> None:
         self.stream.close()
         self.raw.close()
-
-
-def _ordered_results(chunks: Iterator, workers: int, initargs: tuple) -> Iterator[tuple]:
-    """Encoded chunks in input order; at most 4 chunks per worker in flight (bounded memory)."""
-    if workers == 1:
-        _init_worker(*initargs)
-        for chunk in chunks:
-            yield _encode_chunk(chunk)
-        return
-    # fork: workers start at once and inherit sys.path; spawn where fork does not exist.
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, initargs) as pool:
-        pending = collections.deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
-            if len(pending) >= 4 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
 
 
 def _remove_empty(folders: list[str]) -> None:
@@ -226,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     start = time.perf_counter()
     progress = tqdm(total=os.path.getsize(args.input), unit="B", unit_scale=True,
                     desc="preprocess", disable=None)
-    ordered = _ordered_results(reader.chunks(args.chunk_lines), args.workers, initargs)
+    ordered = ordered_results(reader.chunks(args.chunk_lines), args.workers, initargs)
     try:
         for errors, per_key in ordered:
             for lineno, reason in errors:
