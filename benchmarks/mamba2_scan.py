@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from megatron_rlp.models.mamba2 import ssd_scan_chunked, ssd_scan_reference
+from megatron_rlp.models.ssd import ssd_scan_chunked, ssd_scan_reference
 
 
 def best_time(fn, repeats: int) -> float:

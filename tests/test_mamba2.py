@@ -21,9 +21,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer import TransformerConfig
 
-from megatron_rlp.models.mamba2 import (
-    Mamba2Mixer,
-    Mamba2MixerSubmodules,
+from megatron_rlp.models.mamba2 import Mamba2Mixer, Mamba2MixerSubmodules, packed_seq_idx
+from megatron_rlp.models.mamba2_layout import (
     Mamba2Sizes,
     full_to_local,
     full_to_local_conv,
@@ -33,10 +32,8 @@ from megatron_rlp.models.mamba2 import (
     local_to_full,
     local_to_full_conv,
     local_to_full_in_proj,
-    packed_seq_idx,
-    ssd_scan_chunked,
-    ssd_scan_reference,
 )
+from megatron_rlp.models.ssd import ssd_scan_chunked, ssd_scan_reference
 
 D_MODEL = 32
 
