@@ -26,7 +26,6 @@ error nothing new is left behind):
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import sys
@@ -41,6 +40,7 @@ except ImportError:  # run from a checkout without installing
 import numpy as np
 
 from megatron_rlp.data import quality
+from megatron_rlp.data.corpus import iter_jsonl
 from megatron_rlp.data.tokenizer import TOKENIZER_TYPES
 
 
@@ -116,24 +116,14 @@ def _check_args(a: argparse.Namespace) -> None:
 
 
 def _read_documents(path: str, text_key: str, source_key: str, default_source: str) -> list:
-    opener = gzip.open if path.endswith(".gz") else open
     docs = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: bad JSON ({e.args[0][:80]})") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get(text_key), str):
-                raise ValueError(f"{path}:{n}: expected an object with a string {text_key!r}")
-            source = str(doc.get(source_key, default_source))
-            if not source.replace("-", "").replace("_", "").replace(".", "").isalnum():
-                raise ValueError(f"{path}:{n}: source {source!r} must be letters, digits, - _ . "
-                                 "(it becomes a file name)")
-            docs.append({"line": n, "id": doc.get("id"), "source": source,
-                         "text": doc[text_key], "quality": doc.get("quality")})
+    for n, doc in iter_jsonl(path, text_key):
+        source = str(doc.get(source_key, default_source))
+        if not source.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise ValueError(f"{path}:{n}: source {source!r} must be letters, digits, - _ . "
+                             "(it becomes a file name)")
+        docs.append({"line": n, "id": doc.get("id"), "source": source,
+                     "text": doc[text_key], "quality": doc.get("quality")})
     if not docs:
         raise ValueError(f"--input {path!r} holds no documents")
     return docs

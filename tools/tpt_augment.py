@@ -15,7 +15,6 @@ Runs offline on CPU. The output is written under a temporary name and renamed wh
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import sys
@@ -70,21 +69,13 @@ def _check(a: argparse.Namespace) -> None:
 
 
 def _read(path: str, text_key: str, limit: int) -> list[dict]:
-    opener = gzip.open if path.endswith(".gz") else open
+    from megatron_rlp.data.corpus import iter_jsonl
+
     docs = []
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                raise ValueError(f"{path}:{n}: bad JSON") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get(text_key), str):
-                raise ValueError(f"{path}:{n}: expected an object with a string {text_key!r}")
-            docs.append(doc)
-            if limit and len(docs) >= limit:
-                break
+    for _, doc in iter_jsonl(path, text_key):
+        docs.append(doc)
+        if limit and len(docs) >= limit:
+            break
     return docs
 
 

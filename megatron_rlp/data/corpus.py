@@ -28,7 +28,7 @@ import json
 import os
 import random
 import uuid
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 CORPUS_VERSION = 1
 
@@ -151,7 +151,7 @@ def _records(rng: random.Random) -> tuple[str, str]:
     if scores[-1] > 100:
         scores[-1] -= 4
     lines = [f"student: {name}"] + [f"{s}: {v}" for s, v in zip(subjects, scores)]
-    lines += [f"sum: {sum(scores)}", f"count: 4", f"average: {sum(scores) // 4}"]
+    lines += [f"sum: {sum(scores)}", "count: 4", f"average: {sum(scores) // 4}"]
     return "\n".join(lines), "high"
 
 
@@ -313,3 +313,20 @@ def write_jsonl(docs: Iterable[dict], path: str) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+def iter_jsonl(path: str, text_key: str = "text") -> Iterator[tuple[int, dict]]:
+    """(line number, document) for each non-blank line of a JSONL file (.gz ok); a line that is not
+    a JSON object with a string `text_key` raises ValueError naming `FILE:LINE`."""
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: bad JSON ({e.args[0][:80]})") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get(text_key), str):
+                raise ValueError(f"{path}:{n}: expected an object with a string {text_key!r}")
+            yield n, doc
