@@ -182,6 +182,9 @@ class RLPCallback(Callback):
         total = trainer.extra_state.get("rlp_ntp_equivalent_tokens", 0)
         trainer.extra_state["rlp_ntp_equivalent_tokens"] = total + ntp_equivalent_tokens(
             int(step_tokens[0]), int(step_tokens[1]))
+        # The trainer's tokens/s counts what went through the training forward (all B*G rows),
+        # not global batch x --seq-length, which means nothing for this stage.
+        self.stage.tokens_last_iteration = int(step_tokens[0])
         if self.iter_start is not None:
             self.iter_s += time.perf_counter() - self.iter_start
 

@@ -238,7 +238,9 @@ class Trainer:
                 callback.on_iteration_start(self, self.iteration)
             record = self.train_step()
             logger.tick()
-            tokens_in_window += self.global_batch_size * t.seq_length
+            # A stage may count its own tokens (RLP: rows through the training forward).
+            tokens_in_window += (getattr(self.stage, "tokens_last_iteration", None)
+                                 or self.global_batch_size * t.seq_length)
             if summary["first_loss"] is None:
                 summary["first_loss"] = record.get("loss")
             summary["last_loss"] = record.get("loss")
