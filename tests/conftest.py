@@ -18,12 +18,14 @@ if not torch.cuda.is_available():
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Small enough that a 10-iteration run takes a few seconds on 2 cores, with all three layer kinds.
-TINY_MODEL_FLAGS = [
+TINY_MODEL_SHAPE = [
     "--num-layers", "4", "--hybrid-override-pattern", "M*M-",
     "--hidden-size", "64", "--ffn-hidden-size", "128",
     "--num-attention-heads", "4", "--num-query-groups", "2",
     "--mamba-num-heads", "4", "--mamba-head-dim", "16", "--mamba-state-dim", "16",
     "--mamba-num-groups", "2", "--mamba-chunk-size", "16",
+]
+TINY_MODEL_FLAGS = TINY_MODEL_SHAPE + [
     "--seq-length", "64", "--micro-batch-size", "4",
     "--lr", "3e-3", "--min-lr", "3e-4", "--lr-warmup-iters", "2", "--log-interval", "1",
 ]

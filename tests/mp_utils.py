@@ -13,7 +13,7 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO_ROOT
 
 
 def launch(args: List[str], nproc: int, scratch: str, timeout: float = 180,

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from conftest import TINY_MODEL_SHAPE
 from mp_utils import (REPO_ROOT, checkpoint_as_if_killed_at, error_lines, launch, logged_losses,
                       max_rel_diff)
 
@@ -20,13 +21,7 @@ pytestmark = pytest.mark.slow
 REL_TOL = 1e-5
 ITERS = 4
 SAVED_AT = 2
-MODEL = [
-    "--num-layers", "4", "--hybrid-override-pattern", "M*M-",
-    "--hidden-size", "64", "--ffn-hidden-size", "128",
-    "--num-attention-heads", "4", "--num-query-groups", "2",
-    "--mamba-num-heads", "4", "--mamba-head-dim", "16", "--mamba-state-dim", "16",
-    "--mamba-num-groups", "2", "--mamba-chunk-size", "16",
-]
+MODEL = TINY_MODEL_SHAPE
 TRAIN = ["--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "8",
          "--train-iters", str(ITERS), "--log-interval", "1", "--lr", "3e-3",
          "--lr-warmup-iters", "1", "--seed", "7"]
