@@ -268,12 +268,23 @@ def plot(path: str, curves: dict, title: str, xlabel: str, ylabel: str,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> str:
+    """Write a matplotlib figure atomically (temp PNG in the same folder, then rename), close it."""
+    import matplotlib.pyplot as plt
+
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".png")
     os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return os.path.basename(path)
 
 

@@ -140,9 +140,7 @@ def main(argv=None) -> dict:
     ax.set_xticks(range(len(vs)), vs, rotation=20, fontsize=8)
     ax.set_ylabel("final held-out loss gap to BF16 (%)")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, ".tmp_gap.png"))
-    plt.close(fig)
-    os.replace(os.path.join(out, ".tmp_gap.png"), os.path.join(out, "gap.png"))
+    C.save_figure(fig, os.path.join(out, "gap.png"))
     C.write_json(os.path.join(out, "metrics.json"), metrics)
     C.write_text(os.path.join(out, "report.md"), report(metrics))
     return metrics

@@ -169,9 +169,7 @@ def main(argv=None) -> dict:
         ax.set_title(f"held-out next-token {key}")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, ".tmp_eval.png"))
-    plt.close(fig)
-    os.replace(os.path.join(out, ".tmp_eval.png"), os.path.join(out, "eval.png"))
+    C.save_figure(fig, os.path.join(out, "eval.png"))
     C.write_json(os.path.join(out, "metrics.json"), metrics)
     C.write_text(os.path.join(out, "report.md"), report(metrics))
     return metrics

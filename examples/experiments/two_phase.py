@@ -192,9 +192,7 @@ def main(argv=None) -> dict:
     ax.set_ylabel("held-out loss (nats/token)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, ".tmp_eval_bars.png"))
-    plt.close(fig)
-    os.replace(os.path.join(out, ".tmp_eval_bars.png"), os.path.join(out, "eval_bars.png"))
+    C.save_figure(fig, os.path.join(out, "eval_bars.png"))
 
     C.write_json(os.path.join(out, "metrics.json"), metrics)
     C.write_text(os.path.join(out, "report.md"), report(metrics))
