@@ -156,6 +156,18 @@ class TrainingConfig:
     stage: str = arg("pretrain", "What to train: next-token pretraining or an RLP stage.",
                      choices=("pretrain", "rlp"))
 
+    def global_batch(self, data_parallel_size: int) -> int:
+        """Sequences per optimizer step at this DP size (default: one micro-batch per DP rank);
+        it must split into whole micro-batches on every DP rank."""
+        per_step = self.micro_batch_size * data_parallel_size
+        gbs = self.global_batch_size or per_step
+        if gbs % per_step:
+            raise ValueError(
+                f"--global-batch-size={gbs} is not a multiple of --micro-batch-size x "
+                f"data-parallel size = {self.micro_batch_size} x {data_parallel_size}; "
+                "adjust the batch sizes")
+        return gbs
+
     def __post_init__(self):
         for name in ("micro_batch_size", "seq_length", "train_iters", "log_interval"):
             if getattr(self, name) < 1:

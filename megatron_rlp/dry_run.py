@@ -127,10 +127,7 @@ def dry_run(cfg: RunConfig, verbose: bool = True) -> dict:
     dp = world // (tp * pp)
     vocab = ext.dry_run_vocab_size or build_tokenizer(cfg.data.tokenizer_type,
                                                       cfg.data.tokenizer_model).vocab_size
-    gbs = t.global_batch_size or t.micro_batch_size * dp
-    if gbs % (t.micro_batch_size * dp):
-        raise ValueError(f"--global-batch-size={gbs} is not a multiple of --micro-batch-size x "
-                         f"data-parallel size = {t.micro_batch_size} x {dp}; adjust the batch sizes")
+    gbs = t.global_batch(dp)
     num_microbatches = gbs // (t.micro_batch_size * dp)
     apply_cpu_patches(force=True)  # TE-free final norm; nothing here touches a GPU
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, tp)

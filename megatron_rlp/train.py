@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from megatron_rlp.config import RunConfig, parse_args
@@ -65,7 +65,6 @@ class Run:
     optimizer: object
     scheduler: object
     trainer: object
-    extras: dict = field(default_factory=dict)
 
 
 def resolve_data(cfg: RunConfig, tokenizer):
@@ -101,7 +100,7 @@ def build_data_source(cfg: RunConfig, tokenizer, data_path: list, num_samples: i
 
 
 def build_model_chunks(cfg: RunConfig, vocab_size: int) -> list:
-    """This rank's model chunk(s): one per virtual pipeline stage."""
+    """This rank's model chunk: its pipeline stage (interleaved stages are rejected earlier)."""
     from megatron.core import parallel_state
 
     from megatron_rlp.models.hybrid import build_model
@@ -131,11 +130,9 @@ def build_run(cfg: RunConfig) -> Run:
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
 
-    mbs = cfg.training.micro_batch_size
     from megatron.core import parallel_state
 
-    dp = parallel_state.get_data_parallel_world_size()
-    gbs = cfg.training.global_batch_size or mbs * dp
+    gbs = cfg.training.global_batch(parallel_state.get_data_parallel_world_size())
     train_source = build_data_source(cfg, tokenizer, data_path, cfg.training.train_iters * gbs)
     valid_stage = None
     if valid_path:

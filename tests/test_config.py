@@ -60,3 +60,13 @@ def test_unknown_flag_exits_nonzero(capsys):
         parse_args(["--hidden-sise", "8"])
     assert exit_info.value.code != 0
     assert "unrecognized arguments: --hidden-sise" in capsys.readouterr().err
+
+
+def test_global_batch_defaults_to_one_micro_batch_per_rank_and_must_split_evenly():
+    cfg = config_from_dict({"micro_batch_size": 4})
+    assert cfg.training.global_batch(2) == 8
+    assert config_from_dict({"micro_batch_size": 4, "global_batch_size": 24}).training \
+        .global_batch(3) == 24
+    with pytest.raises(ValueError, match="--global-batch-size=20 is not a multiple of "
+                                         "--micro-batch-size x data-parallel size = 4 x 2"):
+        config_from_dict({"micro_batch_size": 4, "global_batch_size": 20}).training.global_batch(2)

@@ -222,8 +222,7 @@ def build_phased_source(phases: list[Phase], tokenizer, seq_length: int, global_
 def _global_batch_size(cfg) -> int:
     from megatron.core import parallel_state
 
-    t = cfg.training
-    return t.global_batch_size or t.micro_batch_size * parallel_state.get_data_parallel_world_size()
+    return cfg.training.global_batch(parallel_state.get_data_parallel_world_size())
 
 
 def _is_rank_zero() -> bool:

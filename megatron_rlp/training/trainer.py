@@ -102,12 +102,7 @@ class Trainer:
         self._stop_requested = False
         dp = parallel_state.get_data_parallel_world_size()
         t = cfg.training
-        self.global_batch_size = t.global_batch_size or t.micro_batch_size * dp
-        if self.global_batch_size % (t.micro_batch_size * dp):
-            raise ValueError(
-                f"--global-batch-size={self.global_batch_size} is not a multiple of "
-                f"--micro-batch-size x data-parallel size = {t.micro_batch_size} x {dp}; "
-                "adjust the batch sizes")
+        self.global_batch_size = t.global_batch(dp)
         self.num_microbatches = self.global_batch_size // (t.micro_batch_size * dp)
 
     # ---------------------------------------------------------------- checkpointing
