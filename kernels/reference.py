@@ -138,7 +138,7 @@ def e2m1_codes_sr(y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     lo = ((a >= 0.5).to(torch.uint8) + (a >= 1.0) + (a >= 1.5) + (a >= 2.0)
           + (a >= 3.0) + (a >= 4.0) + (a >= 6.0))
     lo_v = e2m1_value(lo)
-    hi_v = e2m1_value(torch.clamp(lo + 1, max=7))
+    # 1 / (hi - lo): the E2M1 grid spacing is 0.5 below 2, 1 below 4, 2 up to 6.
     inv_step = torch.where(lo < 4, 2.0, torch.where(lo < 6, 1.0, 0.5)).to(torch.float32)
     p = torch.where(lo == 7, 0.0, (a - lo_v) * inv_step)
     mag = lo + (u < p).to(torch.uint8)

@@ -2,7 +2,6 @@
 TP=2 checkpoints, padded vocab, sharding, and bad input. CPU, fp32, tiny random models."""
 import json
 import os
-import shutil
 import socket
 
 import pytest

@@ -9,7 +9,7 @@ us phi. It rides along in checkpoints under the keys `ext_ema_teacher.*`.
 """
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable
 
 import torch
 
