@@ -87,8 +87,9 @@ def _optimizer_metadata() -> dict:
 
 
 def _rng_state() -> dict:
-    # Training draws randomness only from torch (CPU generator and megatron's tracker); data order
-    # and RLP sampling are seeded from (seed, iteration), so these two are all a resume needs.
+    # Training draws randomness only from torch (CPU generator and megatron's tracker); data order,
+    # RLP sampling and NVFP4 stochastic rounding are seeded from (seed, position in the run), so
+    # these two are all a resume needs.
     return {
         "torch": torch.get_rng_state(),
         "tracker": tp_random.get_cuda_rng_tracker().get_states(),
@@ -164,7 +165,7 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
     ckpt_dir = checkpoint_dir(load, iteration)
 
     state = model_sharded_state_dict(model)
-    _check_model_shapes(ckpt_dir, state)
+    saved_tensors = _check_model_shapes(ckpt_dir, state)
     if optimizer is not None:
         _ensure_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
@@ -173,7 +174,8 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
     if optimizer is not None and scheduler is not None:
         state["scheduler"] = common["scheduler"]
     for name, component in (components or {}).items():
-        if not (f"ext_{name}" in common or _has_prefix(ckpt_dir, f"ext_{name}")):
+        prefix = f"ext_{name}"
+        if prefix not in common and not any(key.startswith(prefix) for key in saved_tensors):
             # Resuming without e.g. the EMA teacher would silently restart it from the student.
             raise ValueError(f"{ckpt_dir} has no saved state for '{name}' (keys 'ext_{name}*'); "
                              "it was saved by a different stage or version: start a new stage "
@@ -198,15 +200,15 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
         if scheduler is not None:
             scheduler.load_state_dict(common["scheduler"])
     for name, component in (components or {}).items():
-        if f"ext_{name}" in loaded:
-            component.load_sharded_state_dict(loaded[f"ext_{name}"])
+        component.load_sharded_state_dict(loaded[f"ext_{name}"])
     if "rng_state" in loaded:
         _restore_rng(loaded["rng_state"])
     return dict(common["training"])
 
 
-def _check_model_shapes(ckpt_dir: str, state: dict) -> None:
+def _check_model_shapes(ckpt_dir: str, state: dict) -> dict:
     """Compare this rank's model tensors with the checkpoint's metadata, then agree across ranks.
+    Returns that metadata ({key: ShardedTensor without data}) for further checks.
 
     megatron reports a mismatch deep in its loader, on some ranks only (a PP stage sees only its
     layers), and the other ranks then wait in a collective until the timeout. Here every rank
@@ -241,6 +243,7 @@ def _check_model_shapes(ckpt_dir: str, state: dict) -> None:
         raise ValueError(f"checkpoint {ckpt_dir} does not fit this model: {first}; it was saved "
                          "from a model of a different shape (layers, widths, pattern, vocab): "
                          "load it with the same model flags")
+    return saved
 
 
 def _torch_optimizers(optimizer) -> list:
@@ -275,11 +278,6 @@ def _unshare_adam_steps(optimizer) -> None:
         for state in inner.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
-
-
-def _has_prefix(ckpt_dir: str, prefix: str) -> bool:
-    metadata = dist_checkpointing.load_tensors_metadata(ckpt_dir)
-    return any(key.startswith(prefix) for key in metadata)
 
 
 def _current_layout() -> tuple:
