@@ -150,14 +150,12 @@ class Trainer:
         stage = source_stage or self.stage
         num_microbatches = num_microbatches or self.num_microbatches
         consumed = self.consumed_samples if consumed is None else consumed
-        batches = stage.micro_batches(consumed, num_microbatches)
-        data_iterator = [batches] if len(self.model) == 1 else [
-            stage.micro_batches(consumed, num_microbatches) for _ in self.model]
+        (chunk,) = self.model  # one chunk per rank: interleaved pipeline stages are rejected
         forward_backward = get_forward_backward_func()
         return forward_backward(
             forward_step_func=stage.forward_step,
-            data_iterator=data_iterator if len(self.model) > 1 else batches,
-            model=self.model if len(self.model) > 1 else self.model[0],
+            data_iterator=stage.micro_batches(consumed, num_microbatches),
+            model=chunk,
             num_microbatches=num_microbatches,
             seq_length=self.cfg.training.seq_length,
             micro_batch_size=self.cfg.training.micro_batch_size,
