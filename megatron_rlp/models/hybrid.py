@@ -140,13 +140,14 @@ def layout_invariant_init(model: MambaModel, config: TransformerConfig) -> None:
     from megatron.core import parallel_state
 
     from .mamba2 import Mamba2Mixer
+    from .mamba2_layout import run_init_seed, with_cpu_seed
 
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     layers = model.decoder.layers
     skip = {id(p) for module in model.modules() if isinstance(module, Mamba2Mixer)
             for p in module.parameters()}
-    seed = int(getattr(config, "init_seed", 1234))
+    seed = run_init_seed(config)
     for name, param in model.named_parameters():
         if id(param) in skip or param.dim() < 2 or param.is_meta:
             continue
@@ -159,10 +160,8 @@ def layout_invariant_init(model: MambaModel, config: TransformerConfig) -> None:
         global_name = _global_name(name, layers)
         init = (config.output_layer_init_method if global_name.endswith(_SCALED_INIT_SUFFIXES)
                 else config.init_method)
-        full = torch.empty(full_shape, dtype=torch.float32)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(f"{seed}:{global_name}".encode()))
-            init(full)
+        full = with_cpu_seed(zlib.crc32(f"{seed}:{global_name}".encode()), init,
+                             torch.empty(full_shape, dtype=torch.float32))
         if split_dim is not None:
             full = torch.chunk(full, tp_size, dim=split_dim)[tp_rank]
         param.copy_(full.to(param.dtype))

@@ -75,7 +75,7 @@ from megatron.core.transformer.utils import (
 
 from .mamba2_layout import (
     Mamba2Sizes,
-    _init_seed,
+    run_init_seed,
     init_full_parameters,
     local_parameters,
     split_sharded_tensor,
@@ -258,7 +258,7 @@ class Mamba2Mixer(MegatronModule):
             return
         full = init_full_parameters(
             self.sizes, self.d_model, d_conv=self.d_conv,
-            seed=_init_seed(config),
+            seed=run_init_seed(config),
             layer_number=self.layer_number or 1, init_method=config.init_method,
             output_layer_init_method=config.output_layer_init_method, **dist,
         )

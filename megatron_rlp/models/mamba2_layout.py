@@ -97,13 +97,13 @@ def _component_seed(seed: int, layer_number: int, component: str) -> int:
     return (int(seed) * 1_000_003 + int(layer_number) * 1_009 + _COMPONENTS.index(component)) % (2**62)
 
 
-def _init_seed(config) -> int:
+def run_init_seed(config) -> int:
     """The run's seed attached by the model builder as ``config.init_seed``, else 1234."""
     seed = getattr(config, "init_seed", None)
     return DEFAULT_INIT_SEED if seed is None else int(seed)
 
 
-def _with_cpu_seed(seed: int, init_fn: Callable[[torch.Tensor], object], tensor: torch.Tensor):
+def with_cpu_seed(seed: int, init_fn: Callable[[torch.Tensor], object], tensor: torch.Tensor):
     """Run a megatron ``init_method`` (which draws from the global CPU generator) on ``tensor``
     with the generator temporarily reseeded; the caller's RNG state is restored after."""
     state = torch.get_rng_state()
@@ -136,9 +136,9 @@ def init_full_parameters(
         return torch.Generator().manual_seed(_component_seed(seed, layer_number, component))
 
     conv_dim = sum(sizes.conv_sections())
-    in_proj = _with_cpu_seed(_component_seed(seed, layer_number, "in_proj"), init_method,
+    in_proj = with_cpu_seed(_component_seed(seed, layer_number, "in_proj"), init_method,
                              torch.empty(sum(sizes.in_proj_sections()), d_model))
-    out_proj = _with_cpu_seed(_component_seed(seed, layer_number, "out_proj"),
+    out_proj = with_cpu_seed(_component_seed(seed, layer_number, "out_proj"),
                               output_layer_init_method, torch.empty(d_model, sizes.d_inner))
     bound = conv_init if conv_init is not None else 1.0 / math.sqrt(d_conv)
     conv_weight = torch.empty(conv_dim, 1, d_conv).uniform_(-bound, bound, generator=gen("conv_weight"))
