@@ -35,9 +35,11 @@ from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_paralle
 from megatron_rlp.config import RunConfig, register_section
 from megatron_rlp.training.trainer import Callback
 
-from .nvfp4_linear import QUANT_STATS, nvfp4_linear
+from .nvfp4_linear import nvfp4_linear
 from .recipe import (BLOCK_KINDS, FP4_LINEARS, NVFP4Recipe, fp4_active, plan_for,
                      scaled_bf16_layers, sr_seed, switch_iteration)
+from .stats import QUANT_STATS
+from .te_gemm import fp4_gemm_support, resolve_gemm
 
 _BLOCK = 16
 # The layer attribute that holds a kind's linears (megatron's layer classes fix these slots).
@@ -95,8 +97,10 @@ def linear_plan(cfg: RunConfig) -> Dict[Tuple[int, str], LinearPlan]:
     return out
 
 
-def format_linear_plan(cfg: RunConfig, plan: Dict[Tuple[int, str], LinearPlan]) -> str:
-    """The start-up table: one line per block (index, kind, precision, NVFP4 linears, reason)."""
+def format_linear_plan(cfg: RunConfig, plan: Dict[Tuple[int, str], LinearPlan],
+                       gemm: Optional[Tuple[str, str]] = None) -> str:
+    """The start-up table: one line per block (index, kind, precision, NVFP4 linears, reason),
+    then a summary; ``gemm`` is ``resolve_gemm``'s (backend, reason) for the GEMM line."""
     recipe: NVFP4Recipe = cfg.fp4
     dtype = "bf16" if cfg.training.bf16 else "fp32"
     lines = ["NVFP4 precision plan (--fp4 nvfp4):",
@@ -120,6 +124,11 @@ def format_linear_plan(cfg: RunConfig, plan: Dict[Tuple[int, str], LinearPlan]) 
     if it is not None:
         summary += f"; all {dtype} from iteration {it} of {cfg.training.train_iters}"
     lines.append(summary)
+    if gemm is not None:
+        backend, why = gemm
+        where = ("TransformerEngine FP4 tensor cores" if backend == "te"
+                 else "emulated (fp32 matmul of dequantized operands)")
+        lines.append(f"NVFP4 GEMMs: {where} ({why})")
     return "\n".join(lines)
 
 
@@ -148,9 +157,11 @@ def check_plan(cfg: RunConfig, plan: Dict[Tuple[int, str], LinearPlan]) -> None:
 class RecipeState:
     """Shared by every NVFP4 linear of a run: what the callback decides per iteration."""
 
-    def __init__(self, recipe: NVFP4Recipe, seed: int, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, recipe: NVFP4Recipe, seed: int, dp_rank: int = 0, dp_size: int = 1,
+                 gemm: str = "emulated"):
         self.recipe = recipe
         self.seed = seed
+        self.gemm = gemm         # "emulated" | "te" (resolved once per run)
         self.active = False      # off until the callback has tagged the model
         self.iteration = 0       # completed iterations (0-based index of the running one)
         # Micro-batch j of DP rank r is global micro-batch j * dp_size + r (the trainer's sample
@@ -196,7 +207,7 @@ class _NVFP4LinearMixin:
                        tp_rank=self.tp_group.rank() if group is not None else 0)
         self.nvfp4_calls += 1
         return nvfp4_linear(input, weight, bias, recipe=state.recipe, sr_seed=seed,
-                            amax_reduce_group=group)
+                            amax_reduce_group=group, gemm=state.gemm)
 
 
 class NVFP4ColumnParallelLinear(_NVFP4LinearMixin, ColumnParallelLinear):
@@ -278,9 +289,13 @@ class NVFP4Callback(Callback):
         self.model_chunks = model_chunks
         from megatron.core import parallel_state
 
+        # Resolved here, before training: --fp4-gemm te where TE cannot run fails at start-up.
+        self.gemm = resolve_gemm(cfg.fp4.fp4_gemm,
+                                 fp4_gemm_support(cfg.training.bf16, cfg.fp4.use_rht))
         self.state = RecipeState(cfg.fp4, cfg.training.seed,
                                  parallel_state.get_data_parallel_rank(),
-                                 parallel_state.get_data_parallel_world_size())
+                                 parallel_state.get_data_parallel_world_size(),
+                                 gemm=self.gemm[0])
         self.fp4_linears: List[LinearPlan] = []
         self._gemms_at_start = 0
 
@@ -288,7 +303,7 @@ class NVFP4Callback(Callback):
     def on_train_start(self, trainer) -> None:
         plan = linear_plan(self.cfg)
         self.fp4_linears = tag_model(self.model_chunks, self.cfg, self.state, plan)
-        _say(format_linear_plan(self.cfg, plan))
+        _say(format_linear_plan(self.cfg, plan, self.gemm))
         self._set_iteration(trainer.iteration, starting=True)
 
     def on_iteration_start(self, trainer, iteration: int) -> None:

@@ -12,9 +12,11 @@ Blocks always run along the GEMM's reduction dimension, as the FP4 tensor cores 
 (recipe flags): ``use_rht=False`` drops the rotations, ``use_sr=False`` rounds gradients to nearest,
 ``use_2d_weights=False`` quantizes W (along K) and W^T (along N) separately with 1x16 blocks.
 
-Emulation: quantization is bit-faithful (``megatron_rlp.kernels.nvfp4``), the GEMM runs in fp32
-on the dequantized operands with TF32 off. On Blackwell with TransformerEngine, TE's FP4 GEMMs can
-replace it; the quantizer numerics are the same.
+Two GEMM backends (``gemm=``):
+- "emulated" (here): quantization is bit-faithful (``megatron_rlp.kernels.nvfp4``), the GEMM runs
+  in fp32 on the dequantized operands with TF32 off. Any device.
+- "te" (``te_gemm.py``): TransformerEngine's quantizers and FP4 tensor-core GEMMs (Blackwell,
+  TE >= 2.14). Same quantizer numerics; fp32 accumulation in cuBLAS; TE's own SR draws.
 
 TP: pass ``amax_reduce_group`` and every global amax is all-reduced (MAX) over it before quantizing,
 so all ranks of a TP group use one global scale per tensor, exactly as an unsharded run would.
@@ -22,7 +24,6 @@ Token counts that are not a multiple of 16 are zero-padded for Wgrad only (zeros
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 from typing import Optional
@@ -34,9 +35,8 @@ import torch.nn.functional as F
 from megatron_rlp.kernels import nvfp4
 
 from .recipe import NVFP4Recipe
-
-# How often each GEMM role ran through the quantizers (tests use it to prove the recipe is on).
-QUANT_STATS: collections.Counter = collections.Counter()
+from .stats import QUANT_STATS
+from .te_gemm import TENVFP4LinearFunction
 _BLOCK = nvfp4.BLOCK
 
 
@@ -130,12 +130,15 @@ class NVFP4LinearFunction(torch.autograd.Function):
 
 def nvfp4_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
                  recipe: Optional[NVFP4Recipe] = None, sr_seed: int = 0,
-                 amax_reduce_group=None, backend: Optional[str] = None) -> torch.Tensor:
+                 amax_reduce_group=None, backend: Optional[str] = None,
+                 gemm: str = "emulated") -> torch.Tensor:
     """``x [..., K] @ weight[N, K]^T (+ bias)`` with NVFP4 GEMMs.
 
     sr_seed: stochastic-rounding seed for this call; derive it with ``recipe.sr_seed(seed,
              iteration, layer, role, microbatch=..., tp_rank=...)`` so resumed runs repeat it.
     amax_reduce_group: TP process group over which global amaxes are MAX-reduced (None: local).
+    gemm: "emulated" or "te" (resolve "auto" first with ``te_gemm.resolve_gemm``); sr_seed and
+          backend apply to the emulation only.
     """
     recipe = recipe or NVFP4Recipe(fp4="nvfp4")
     if weight.dim() != 2:
@@ -147,8 +150,15 @@ def nvfp4_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         raise ValueError(f"nvfp4_linear: weight [N={n}, K={k}] needs N and K multiples of "
                          f"{_BLOCK} (per TP shard); keep this layer in BF16 or pad the width")
     x2d = x.reshape(-1, k)
-    y = NVFP4LinearFunction.apply(x2d, weight, recipe.use_rht, recipe.use_sr,
-                                  recipe.use_2d_weights, int(sr_seed), amax_reduce_group, backend)
+    if gemm == "te":
+        y = TENVFP4LinearFunction.apply(x2d, weight, recipe.use_rht, recipe.use_sr,
+                                        recipe.use_2d_weights, amax_reduce_group)
+    elif gemm == "emulated":
+        y = NVFP4LinearFunction.apply(x2d, weight, recipe.use_rht, recipe.use_sr,
+                                      recipe.use_2d_weights, int(sr_seed), amax_reduce_group,
+                                      backend)
+    else:
+        raise ValueError(f"nvfp4_linear: gemm={gemm!r} must be 'emulated' or 'te'")
     y = y.reshape(*x.shape[:-1], n)
     if bias is not None:
         y = y + bias

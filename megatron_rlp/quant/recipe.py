@@ -28,6 +28,8 @@ FP4_LINEARS = {
     "attention": ("linear_qkv", "linear_proj"),
     "mlp": ("linear_fc1", "linear_fc2"),
 }
+# --fp4-gemm: where the NVFP4 GEMMs run (te_gemm.resolve_gemm turns "auto" into one of the others).
+GEMM_CHOICES = ("auto", "emulated", "te")
 # Stochastic-rounding roles inside one NVFP4 linear (see nvfp4_linear.py).
 SR_ROLES = ("dgrad_grad", "wgrad_grad")
 
@@ -53,6 +55,9 @@ class NVFP4Recipe:
     use_sr: bool = _arg(True, "NVFP4: stochastic rounding of gradients (--no-use-sr: RNE).")
     use_2d_weights: bool = _arg(True, "NVFP4: 16x16 weight scaling (--no-use-2d-weights: 1x16 "
                                       "on W and on W^T).")
+    fp4_gemm: str = _arg("auto", "NVFP4 GEMMs: 'te' (TransformerEngine FP4 tensor cores, "
+                                 "Blackwell), 'emulated' (fp32 matmul of dequantized operands) "
+                                 "or 'auto' (te where available).", GEMM_CHOICES)
 
     def __post_init__(self):
         if self.fp4 not in (None, "nvfp4"):
@@ -61,6 +66,8 @@ class NVFP4Recipe:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"--{name.replace('_', '-')}={v!r}: must be an integer >= 0")
+        if self.fp4_gemm not in GEMM_CHOICES:
+            raise ValueError(f"--fp4-gemm={self.fp4_gemm!r}: use one of {', '.join(GEMM_CHOICES)}")
         f = self.fp4_switch_to_bf16_at
         if f is not None and not 0.0 <= f <= 1.0:
             raise ValueError(f"--fp4-switch-to-bf16-at={f!r}: must be a fraction in [0, 1] of "
