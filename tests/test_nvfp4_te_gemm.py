@@ -186,3 +186,19 @@ def test_real_te_gemm_on_this_gpu_or_a_clear_refusal():
     # bf16 output rounding differ.
     for name, a, b in zip(("y", "dx", "dw"), te_out, emu_out):
         assert _rel(a, b) < 1e-2, (name, _rel(a, b))
+
+
+def test_te_quantizers_reduce_amax_over_the_tp_group(monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    te = fake_te.install(monkeypatch)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        group = dist.new_group([0])
+        x, w, dy = _data(t=32)
+        x, w = x.requires_grad_(), w.requires_grad_()
+        nvfp4_linear(x, w, recipe=NO_SR, gemm="te", amax_reduce_group=group).backward(dy)
+    finally:
+        dist.destroy_process_group()
+    assert len(te.made) == 3 and all(q["amax_reduction"] for q in te.made)
