@@ -105,3 +105,35 @@ def test_non_finite_gradients_stop_the_run_without_saving(tiny_flags, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "non-finite gradient norm" in result.stderr
     assert not os.path.exists(os.path.join(save, "latest"))
+
+
+def test_resuming_without_a_components_saved_state_is_one_clear_error(tiny_flags, tmp_path):
+    """A checkpoint without e.g. the RLP EMA teacher must not resume that component silently
+    from scratch: load_checkpoint names the missing state and how to start a new stage instead."""
+    from megatron_rlp.config import parse_args
+    from megatron_rlp.models.hybrid import build_model
+    from megatron_rlp.training.checkpoint import load_checkpoint
+    from megatron_rlp.training.distributed import destroy_distributed, init_distributed
+
+    save = str(tmp_path / "pretrain")
+    result = run_cli(tiny_flags + ["--train-iters", "2", "--save", save])
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    class Teacher:   # never asked for its state: the check fires before anything is read
+        def sharded_state_dict(self):
+            raise AssertionError("unreachable")
+
+        def load_sharded_state_dict(self, state):
+            raise AssertionError("unreachable")
+
+    cfg = parse_args(tiny_flags)
+    init_distributed(cfg.parallel, seed=cfg.training.seed)
+    try:
+        model = build_model(cfg, vocab_size=1024)
+        with pytest.raises(ValueError, match=r"iter_0000002 has no saved state for 'ema_teacher' "
+                                             r"\(keys 'ext_ema_teacher\*'\).*--finetune"):
+            load_checkpoint(save, [model], components={"ema_teacher": Teacher()})
+        # the same checkpoint loads fine without the component
+        assert load_checkpoint(save, [model])["iteration"] == 2
+    finally:
+        destroy_distributed()
