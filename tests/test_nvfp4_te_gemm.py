@@ -202,3 +202,15 @@ def test_te_quantizers_reduce_amax_over_the_tp_group(monkeypatch, tmp_path):
     finally:
         dist.destroy_process_group()
     assert len(te.made) == 3 and all(q["amax_reduction"] for q in te.made)
+
+
+def test_linears_not_aligned_for_te_stay_emulated_and_the_plan_lists_them(monkeypatch):
+    cfg = parse_args(TINY_MODEL_FLAGS + ["--fp4", "nvfp4", "--fp4-bf16-first-layers", "1",
+                                         "--fp4-bf16-last-layers", "0", "--ffn-hidden-size", "48"])
+    text = I.format_linear_plan(cfg, I.linear_plan(cfg), ("te", "TransformerEngine 2.14.0"))
+    assert text.splitlines()[-1] == ("  emulated instead (weight not a multiple of 32): "
+                                     "3:linear_fc1, 3:linear_fc2")
+    fake_te.install(monkeypatch)
+    x, w, dy = _data(t=32, n=48)
+    with pytest.raises(ValueError, match=r"gemm='te' needs N and K multiples of 32.*\[N=48, K=128\]"):
+        _run(x, w, dy, NO_SR, "te")

@@ -252,3 +252,29 @@ def test_fp4_parallel_layout_losses_match_one_process(layout_losses, layout):
     reference, losses = layout_losses("one_process", sr), layout_losses(layout, sr)
     assert sorted(losses) == [1, 2, 3]
     assert max_rel_diff(losses, reference) <= 1e-6, (losses, reference)
+
+
+def test_model_routes_its_nvfp4_linears_to_the_te_backend(twin_models, monkeypatch):
+    """state.gemm='te' sends every tagged linear through TE's API (a CPU stand-in here) and, with
+    RHT and SR off (fp32 model), gives the emulated model's logits and gradients bit for bit."""
+    import fake_te
+    from megatron_rlp.quant.recipe import replace
+
+    fp4_model, _, state = twin_models
+    state.recipe = replace(state.recipe, use_rht=False, use_sr=False)
+    te = fake_te.install(monkeypatch)
+    ids = torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(2))
+
+    def logits_and_grads(gemm):
+        state.gemm = gemm
+        fp4_model.zero_grad()
+        logits = fp4_model(ids, None, None)
+        logits.float().square().mean().backward()
+        return logits.detach(), [p.grad.clone() for p in fp4_model.parameters()]
+
+    te_logits, te_grads = logits_and_grads("te")
+    assert len(te.made) == 3 * FP4_LINEARS_TINY    # x, W, dy quantizers per NVFP4 linear
+    emu_logits, emu_grads = logits_and_grads("emulated")
+    assert len(te.made) == 3 * FP4_LINEARS_TINY    # the emulation does not touch TE
+    assert torch.equal(te_logits, emu_logits)
+    assert all(torch.equal(a, b) for a, b in zip(te_grads, emu_grads))

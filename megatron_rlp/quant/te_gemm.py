@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from .stats import QUANT_STATS
 
 MIN_TE_VERSION = (2, 14)
-# cuBLAS reads FP4 operands with 16-byte aligned rows: 32 E2M1 values. Token counts are zero-padded
-# to this (zero rows add nothing to dW and their outputs are dropped).
-_TOKEN_ALIGN = 32
+# cuBLAS reads FP4 operands with 16-byte aligned rows: 32 E2M1 values (megatron's fp4_utils gives the
+# same hardware reason). Both GEMM dimensions of a weight must be multiples of it (``te_shape_ok``);
+# token counts are zero-padded to it (zero rows add nothing to dW and their outputs are dropped).
+TE_ALIGN = 32
 
 
 def _te_version(te_module) -> Tuple[int, ...]:
@@ -97,8 +98,13 @@ def resolve_gemm(choice: str, support: Tuple[bool, str]) -> Tuple[str, str]:
     return "emulated", why
 
 
+def te_shape_ok(n: int, k: int) -> bool:
+    """Whether a weight [n, k] (one TP shard) can run on TE's FP4 GEMMs; others stay emulated."""
+    return n % TE_ALIGN == 0 and k % TE_ALIGN == 0
+
+
 def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
-    pad = (-t.shape[0]) % _TOKEN_ALIGN
+    pad = (-t.shape[0]) % TE_ALIGN
     return F.pad(t, (0, 0, 0, pad)) if pad else t
 
 
