@@ -9,6 +9,12 @@ quantize) are charged the same bytes, so the number is directly comparable to th
 bandwidth (measured here with ``dst.copy_(src)``, 2 x bytes per copy). Targets on GPU: 1D quantize
 >= 80% of copy bandwidth, fused RHT + amax + quantize >= 40%.
 
+The global amax needs a full read of x before any block scale is known, so a quantizer that also
+computes it reads x twice and, charged one read, cannot pass ~56% of copy bandwidth
+(2.56 / 4.56 B/elem). ``1d`` includes that amax pass; ``1d_amax_given`` is the quantize pass alone
+(amax supplied, as after a TP all-reduce or from the producing op), the number the 80% target is
+about (the amax reduction may be a separate pass). The RHT modes include their amax pass.
+
 Also prints the CPU step-time ratio of one NVFP4-emulated linear (fwd+bwd) vs a BF16 linear.
 The last line is one JSON object with every number.
 """
@@ -103,6 +109,7 @@ def main():
     ao, ao_err = torchao_quantizer()
     modes = {
         "1d": dict(),
+        "1d_amax_given": dict(),       # amax filled in per shape below
         "1d_sr": dict(stochastic=True, seed=1),
         "2d": dict(block_2d=True),
         "rht_rows": dict(rht=True),
@@ -116,6 +123,7 @@ def main():
         print(f"copy bandwidth: {result['copy_GBps']:.0f} GB/s")
     for m, k in shapes:
         x = torch.randn(m, k, device=dev).bfloat16()
+        modes["1d_amax_given"] = dict(amax=nvfp4.compute_amax(x))
         nbytes = m * k * 2 + m * k // 2 + m * k // 16
         rows = {}
         for be in backends:

@@ -120,8 +120,9 @@ def quantize(x: torch.Tensor, *, block_2d: bool = False, rht: bool = False,
         used_amax = ref.amax_ref(v) if amax is None else amax.to(torch.float32).reshape(())
         data, scale = ref.quantize_ref(v, used_amax, block_2d=block_2d, stochastic=stochastic,
                                        seed=seed)
-    used_amax = torch.where(torch.isfinite(used_amax), used_amax,
-                            torch.full_like(used_amax, float("nan")))
+        used_amax = torch.where(torch.isfinite(used_amax), used_amax,
+                                torch.full_like(used_amax, float("nan")))
+    # (the Triton kernel reports a non-finite amax as NaN itself: no extra launches)
     return NVFP4Tensor(data=data, scale=scale, amax=used_amax, shape=x.shape,
                        block_2d=block_2d, rht=rht, stochastic=stochastic)
 

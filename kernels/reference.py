@@ -49,8 +49,9 @@ def _f32(v: float, like: torch.Tensor) -> torch.Tensor:
 def global_scales(amax: torch.Tensor) -> torch.Tensor:
     """fp32 ``[4]`` = (S, S*fl(1/6), fl(1/S), poisoned) from a 0-dim fp32 global amax.
 
-    ``poisoned`` is 1.0 when amax is not finite. Shared verbatim by both backends (one tiny torch op
-    chain on the amax's device, no host sync), so the global step cannot diverge between them.
+    ``poisoned`` is 1.0 when amax is not finite. The Triton kernels redo these fp32 steps inside
+    each program (``triton_nvfp4._global_scales``, IEEE ``div_rn``) to save a dozen tiny kernel
+    launches per call; tests hold the two equal for every branch (amax 0, overflow, non-finite).
     """
     amax = amax.to(torch.float32).reshape(())
     bad = ~torch.isfinite(amax)

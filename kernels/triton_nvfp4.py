@@ -11,8 +11,13 @@ CUDA and under ``TRITON_INTERPRET=1`` on CPU, which is why it avoids, on purpose
 Tiles: a program owns ``[BM, BK]`` of x (BK a multiple of 16; BM a multiple of 16 for 2D), so it
 owns whole 1x16 blocks and whole 16x16 tiles. x may be any strided 2D view (e.g. ``t()`` for the
 transposed Wgrad copies) and is read once per pass; the global amax is a separate first pass
-(per-program partial maxima, reduced by torch), then quantize re-reads x and recomputes the RHT
-instead of storing it.
+(per-program partial maxima, then one program reduces them), then quantize re-reads x and
+recomputes the RHT instead of storing it.
+
+Launches: the global scale step (``reference.global_scales``: a dozen fp32 scalar ops) runs inside
+every quantize/dequantize program, with the same IEEE operations (``div_rn``), instead of as a
+chain of tiny torch kernels. A 1D quantize is then 3 launches with the amax pass, 1 without; each
+extra launch costs host time comparable to quantizing a whole 8192x8192 tensor on a modern GPU.
 """
 from __future__ import annotations
 
@@ -22,12 +27,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import BLOCK, global_scales
+from .reference import BLOCK, FP4_MAX, FP8_MAX
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _SIGN_MASK = tl.constexpr(0xD7E8)          # bit i set <=> RHT_SIGNS[i] == -1
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)
 _NAN_BITS = tl.constexpr(0x7FC00000)
+_S_NUM = tl.constexpr(FP8_MAX * FP4_MAX)                     # 2688: S = 2688 / amax
+# fl(1/6): the fp32 reciprocal the reference folds into S (exactly representable, so the constant
+# converts to fp32 without another rounding)
+_INV_FP4_MAX = tl.constexpr(float(torch.reciprocal(torch.tensor(FP4_MAX, dtype=torch.float32))))
+_AMAX_CHUNK = 1024
 
 
 def _blocks(m: int, k: int, block_2d: bool = False) -> tuple[int, int, int]:
@@ -111,6 +121,25 @@ def _e4m3_rne(v):
 
 
 @triton.jit
+def _global_scales(amax_ptr):
+    """(S * fl(1/6), fl(1/S), poisoned, amax or NaN) from the fp32 global amax at ``amax_ptr``.
+
+    The fp32 steps of ``reference.global_scales`` in the same order: S = min(2688 / amax, FLT_MAX),
+    S = 1 when amax is 0 or not finite or S underflows to 0. Computed on a [1] vector (constants
+    as fp32 tensors for ``div_rn``) and reduced to scalars."""
+    a = tl.load(amax_ptr + tl.arange(0, 1))
+    bad = (a != a) | (tl.abs(a) > _FLT_MAX)
+    one = tl.full([1], 1.0, tl.float32)
+    s = tl.minimum(tl.math.div_rn(tl.full([1], _S_NUM, tl.float32), tl.where(a == 0.0, one, a)),
+                   _FLT_MAX)
+    s = tl.where((a == 0.0) | (s == 0.0) | bad, one, s)
+    sm = s * _INV_FP4_MAX
+    gds = tl.math.div_rn(one, s)
+    clean = tl.where(bad, tl.full([1], _NAN_BITS, tl.int32).to(tl.float32, bitcast=True), a)
+    return (tl.max(sm, axis=0), tl.max(gds, axis=0), tl.max(bad.to(tl.int32), axis=0), clean)
+
+
+@triton.jit
 def _e2m1_value(mag):
     """3-bit E2M1 code -> fp32 magnitude (0, .5, 1, 1.5, 2, 3, 4, 6) without a table."""
     v = tl.where(mag == 4, 2.0, tl.where(mag == 5, 3.0, tl.where(mag == 6, 4.0, 6.0)))
@@ -134,7 +163,23 @@ def _amax_kernel(x_ptr, part_ptr, bad_ptr, M, K, stride_m, stride_k, n_k,
 
 
 @triton.jit
-def _quantize_kernel(x_ptr, g_ptr, q_ptr, s_ptr, M, K, stride_m, stride_k, seed,
+def _amax_reduce_kernel(part_ptr, bad_ptr, n, out_ptr, CHUNK: tl.constexpr):
+    """One program: max of the n partial maxima, NaN if any tile was not finite (max is exact in
+    any order)."""
+    acc = tl.zeros([CHUNK], tl.float32)
+    flag = tl.zeros([CHUNK], tl.int32)
+    for start in range(0, n, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        acc = tl.maximum(acc, tl.load(part_ptr + offs, mask=offs < n, other=0.0))
+        flag = tl.maximum(flag, tl.load(bad_ptr + offs, mask=offs < n, other=0))
+    out = tl.where(tl.max(flag, axis=0) > 0,
+                   tl.full([1], _NAN_BITS, tl.int32).to(tl.float32, bitcast=True),
+                   tl.max(acc, axis=0))
+    tl.store(out_ptr + tl.arange(0, 1), out)
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, amax_ptr, amax_out_ptr, q_ptr, s_ptr, M, K, stride_m, stride_k, seed,
                      RHT: tl.constexpr, IS_BF16: tl.constexpr, BLOCK_2D: tl.constexpr,
                      STOCHASTIC: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -144,9 +189,9 @@ def _quantize_kernel(x_ptr, g_ptr, q_ptr, s_ptr, M, K, stride_m, stride_k, seed,
                                      IS_BF16)
     if RHT:
         v = _rht(v, BM, BK, IS_BF16)
-    sm = tl.load(g_ptr + 1)                     # S * fl(1/6)
-    gds = tl.load(g_ptr + 2)                    # fl(1/S)
-    poisoned = tl.load(g_ptr + 3).to(tl.int32)  # 1 if the global amax is not finite
+    sm, gds, poisoned, amax_clean = _global_scales(amax_ptr)   # poisoned: amax not finite
+    # program (0, 0) reports the amax used (program ids are >= 0: the sum is 0 only there)
+    tl.store(amax_out_ptr + tl.arange(0, 1), amax_clean, mask=(tl.arange(0, 1) + pid_m + pid_k) == 0)
 
     a = tl.abs(v)
     bad = ((v != v) | (a > _FLT_MAX)).to(tl.int32)
@@ -206,7 +251,8 @@ def _quantize_kernel(x_ptr, g_ptr, q_ptr, s_ptr, M, K, stride_m, stride_k, seed,
 
 
 @triton.jit
-def _dequantize_kernel(q_ptr, s_ptr, g_ptr, out_ptr, M, K, BM: tl.constexpr, BK: tl.constexpr):
+def _dequantize_kernel(q_ptr, s_ptr, amax_ptr, out_ptr, M, K, BM: tl.constexpr,
+                       BK: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     NB: tl.constexpr = BK // 16
@@ -228,7 +274,7 @@ def _dequantize_kernel(q_ptr, s_ptr, g_ptr, out_ptr, M, K, BM: tl.constexpr, BK:
     sval = tl.where(e == 0, mnt.to(tl.float32) * 0.001953125, normal)
     sval = tl.where((sbyte & 127) == 127, tl.full(sval.shape, _NAN_BITS, tl.int32).to(
         tl.float32, bitcast=True), sval)
-    gds = tl.load(g_ptr + 2)
+    gds = _global_scales(amax_ptr)[1]
     out = tl.reshape((val * sval[:, :, None]) * gds, (BM, BK))
     cols = pid_k * BK + tl.arange(0, BK)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], out,
@@ -265,8 +311,9 @@ def amax(x: torch.Tensor, *, rht: bool = False) -> torch.Tensor:
     bad = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=x.device)
     _amax_kernel[grid](_raw(x), part, bad, m, k, x.stride(0), x.stride(1), grid[1],
                        RHT=rht, IS_BF16=x.dtype == torch.bfloat16, BM=bm, BK=bk, num_warps=nw)
-    a = part.amax()
-    return torch.where(bad.amax() > 0, torch.full_like(a, float("nan")), a)
+    out = torch.empty((), dtype=torch.float32, device=x.device)
+    _amax_reduce_kernel[(1,)](part, bad, part.numel(), out, CHUNK=_AMAX_CHUNK)
+    return out
 
 
 _global_amax = amax          # quantize() takes a keyword named ``amax``
@@ -274,23 +321,28 @@ _global_amax = amax          # quantize() takes a keyword named ``amax``
 
 def quantize(x: torch.Tensor, *, block_2d: bool = False, rht: bool = False,
              stochastic: bool = False, seed: int = 0, amax: torch.Tensor | None = None):
-    """Launch the fused (RHT +) quantize kernel; returns (data, scale, amax used)."""
+    """Launch the fused (RHT +) quantize kernel; returns (data, scale, amax used; NaN if that
+    amax is not finite)."""
     m, k = x.shape
     if amax is None:
         amax_t = _global_amax(x, rht=rht)
     else:
-        amax_t = amax.to(device=x.device, dtype=torch.float32).reshape(())
-    g = global_scales(amax_t)
+        amax_t = amax.to(device=x.device, dtype=torch.float32).reshape(()).contiguous()
     data = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
     scale = torch.empty((m, k // BLOCK), dtype=torch.uint8, device=x.device)
-    if x.numel():
-        bm, bk, nw = _blocks(m, k, block_2d)
-        grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
-        _quantize_kernel[grid](_raw(x), g, data, scale, m, k, x.stride(0), x.stride(1), seed,
-                               RHT=rht, IS_BF16=x.dtype == torch.bfloat16,
-                               BLOCK_2D=block_2d, STOCHASTIC=stochastic, BM=bm, BK=bk,
-                               num_warps=nw)
-    return data, scale.view(torch.float8_e4m3fn), amax_t
+    if not x.numel():
+        return data, scale.view(torch.float8_e4m3fn), _nan_if_not_finite(amax_t)
+    amax_out = torch.empty((), dtype=torch.float32, device=x.device)
+    bm, bk, nw = _blocks(m, k, block_2d)
+    grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
+    _quantize_kernel[grid](_raw(x), amax_t, amax_out, data, scale, m, k, x.stride(0),
+                           x.stride(1), seed, RHT=rht, IS_BF16=x.dtype == torch.bfloat16,
+                           BLOCK_2D=block_2d, STOCHASTIC=stochastic, BM=bm, BK=bk, num_warps=nw)
+    return data, scale.view(torch.float8_e4m3fn), amax_out
+
+
+def _nan_if_not_finite(a: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(a), a, torch.full_like(a, float("nan")))
 
 
 def quantize_1d(x, amax=None):
@@ -318,9 +370,9 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, amax_t: torch.Tensor) ->
     out = torch.empty((m, k), dtype=torch.float32, device=data.device)
     if out.numel():
         bm, bk, nw = _blocks(m, k)
-        g = global_scales(amax_t.to(device=data.device, dtype=torch.float32))
+        amax_t = amax_t.to(device=data.device, dtype=torch.float32).reshape(()).contiguous()
         grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
-        _dequantize_kernel[grid](data, scale.view(torch.uint8), g, out, m, k, BM=bm, BK=bk,
+        _dequantize_kernel[grid](data, scale.view(torch.uint8), amax_t, out, m, k, BM=bm, BK=bk,
                                  num_warps=nw)
     return out
 

@@ -5,6 +5,7 @@ module is decorated, so this file sets it (only when CUDA is absent) before anyt
 ``megatron_rlp.kernels.triton_nvfp4``. Note it then stays set for the rest of the pytest process.
 With CUDA the same tests run compiled (``pytest -m gpu`` adds the large-shape ones).
 """
+import math
 import os
 
 import torch
@@ -131,6 +132,18 @@ def test_triton_matches_reference_on_non_finite_input(bad):
         assert a.amax.isnan() and a.dequantize().isnan().all()
         a = assert_same(x.to(DEV), amax=torch.tensor(4.0), **kw)
         assert a.dequantize().isnan().any() and not a.dequantize().isnan().all()
+
+
+@pytest.mark.parametrize("amax", [0.0, 1e-39, 1e-30, 3.0 * 2.0 ** -120, 7.0, 3.0e38,
+                                  float("inf"), float("nan")])
+def test_triton_global_scale_step_matches_reference_for_any_supplied_amax(amax):
+    # The kernel computes S = min(2688/amax, FLT_MAX), fl(1/6) * S and 1/S itself; every branch
+    # (amax 0, 2688/amax overflowing, subnormal 1/S, non-finite amax reported as NaN) must give
+    # the reference's bits, in quantize and in dequantize.
+    x = torch.randn(48, 96, generator=_gen(7)) * 5
+    for kw in (MODES["1d"], MODES["2d"]):
+        a = assert_same(x.to(DEV), amax=torch.tensor(amax), **kw)
+        assert a.amax.isnan().item() == (not math.isfinite(amax))
 
 
 def test_triton_amax_and_hadamard_match_reference():
