@@ -274,7 +274,7 @@ def _dequantize_kernel(q_ptr, s_ptr, amax_ptr, out_ptr, M, K, BM: tl.constexpr,
     sval = tl.where(e == 0, mnt.to(tl.float32) * 0.001953125, normal)
     sval = tl.where((sbyte & 127) == 127, tl.full(sval.shape, _NAN_BITS, tl.int32).to(
         tl.float32, bitcast=True), sval)
-    gds = _global_scales(amax_ptr)[1]
+    _sm, gds, _poisoned, _amax = _global_scales(amax_ptr)   # unpacked: safest form compiled
     out = tl.reshape((val * sval[:, :, None]) * gds, (BM, BK))
     cols = pid_k * BK + tl.arange(0, BK)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], out,
