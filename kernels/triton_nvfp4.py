@@ -6,7 +6,10 @@ CUDA and under ``TRITON_INTERPRET=1`` on CPU, which is why it avoids, on purpose
 - ``.to(tl.bfloat16)`` (truncates in the interpreter): bf16 rounding of RHT output is done on bits;
 - ``tl.dot`` for the 16-point RHT (summation order unspecified): a butterfly with pinned order;
 - fp32 ``/`` (may be approximate when compiled): ``tl.math.div_rn``;
-- multi-config autotune (fails in the interpreter): block sizes are picked by ``_blocks``.
+- multi-config autotune (fails in the interpreter): block sizes are picked by ``_blocks``;
+- FMA contraction (compiled code only; torch and the interpreter round every op): every launch
+  passes ``enable_fp_fusion=False``. ``aot_check.py`` compiles every kernel for sm_90/sm_100
+  without a GPU and checks the PTX has no fused multiply-add and no approximate division.
 
 Tiles: a program owns ``[BM, BK]`` of x (BK a multiple of 16; BM a multiple of 16 for 2D), so it
 owns whole 1x16 blocks and whole 16x16 tiles. x may be any strided 2D view (e.g. ``t()`` for the
@@ -310,9 +313,11 @@ def amax(x: torch.Tensor, *, rht: bool = False) -> torch.Tensor:
     part = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=x.device)
     bad = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=x.device)
     _amax_kernel[grid](_raw(x), part, bad, m, k, x.stride(0), x.stride(1), grid[1],
-                       RHT=rht, IS_BF16=x.dtype == torch.bfloat16, BM=bm, BK=bk, num_warps=nw)
+                       RHT=rht, IS_BF16=x.dtype == torch.bfloat16, BM=bm, BK=bk, num_warps=nw,
+                       enable_fp_fusion=False)
     out = torch.empty((), dtype=torch.float32, device=x.device)
-    _amax_reduce_kernel[(1,)](part, bad, part.numel(), out, CHUNK=_AMAX_CHUNK)
+    _amax_reduce_kernel[(1,)](part, bad, part.numel(), out, CHUNK=_AMAX_CHUNK,
+                              enable_fp_fusion=False)
     return out
 
 
@@ -337,7 +342,8 @@ def quantize(x: torch.Tensor, *, block_2d: bool = False, rht: bool = False,
     grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
     _quantize_kernel[grid](_raw(x), amax_t, amax_out, data, scale, m, k, x.stride(0),
                            x.stride(1), seed, RHT=rht, IS_BF16=x.dtype == torch.bfloat16,
-                           BLOCK_2D=block_2d, STOCHASTIC=stochastic, BM=bm, BK=bk, num_warps=nw)
+                           BLOCK_2D=block_2d, STOCHASTIC=stochastic, BM=bm, BK=bk, num_warps=nw,
+                           enable_fp_fusion=False)
     return data, scale.view(torch.float8_e4m3fn), amax_out
 
 
@@ -373,7 +379,7 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, amax_t: torch.Tensor) ->
         amax_t = amax_t.to(device=data.device, dtype=torch.float32).reshape(()).contiguous()
         grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
         _dequantize_kernel[grid](data, scale.view(torch.uint8), amax_t, out, m, k, BM=bm, BK=bk,
-                                 num_warps=nw)
+                                 num_warps=nw, enable_fp_fusion=False)
     return out
 
 
@@ -388,5 +394,6 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
         bm, bk, nw = _blocks(m, k)
         grid = (triton.cdiv(m, bm), triton.cdiv(k, bk))
         _hadamard_kernel[grid](_raw(x), _raw(out), m, k, x.stride(0), x.stride(1),
-                               IS_BF16=x.dtype == torch.bfloat16, BM=bm, BK=bk, num_warps=nw)
+                               IS_BF16=x.dtype == torch.bfloat16, BM=bm, BK=bk, num_warps=nw,
+                               enable_fp_fusion=False)
     return out
