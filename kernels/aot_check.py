@@ -12,8 +12,10 @@ rounding differs from the op-by-op fp32 arithmetic of ``reference.py``:
   lower to it); the kernels use ``tl.math.div_rn``.
 
 Every kernel variant the launchers in ``triton_nvfp4.py`` can request is compiled with the
-compiled-mode block sizes of ``_blocks``. Exit status 1 if anything fails to compile or a
-forbidden instruction appears. Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces
+compiled-mode block sizes of ``_blocks``. Exit status 1 if anything fails to compile, a forbidden
+instruction appears, or a kernel spills registers to local memory (a streaming kernel that
+spills cannot run at copy bandwidth). Registers per thread are printed: with 128 threads per
+program they bound how many programs share an SM (65536 registers each on sm_90/sm_100). Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces
 the JIT functions this module compiles).
 """
 from __future__ import annotations
@@ -22,7 +24,9 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List
@@ -90,6 +94,23 @@ def variants() -> List[Variant]:
     return out
 
 
+def resource_usage(cubin: bytes) -> dict:
+    """Registers per thread and local-memory (spill) bytes of a cubin, from Triton's cuobjdump."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True,
+                              text=True, check=True).stdout
+    found = re.search(r"REG:(\d+).*?LOCAL:(\d+)", text)
+    if not found:
+        raise RuntimeError(f"cuobjdump printed no resource usage: {text[-300:]!r}")
+    return {"regs": int(found.group(1)), "spill_bytes": int(found.group(2))}
+
+
 def compile_variant(v: Variant, arch: int, fp_fusion: bool = False) -> dict:
     """Compile one variant to cubin for sm_<arch>; returns a report row. ``fp_fusion=True``
     compiles as a launch without ``enable_fp_fusion=False`` would (to see the check fire)."""
@@ -113,7 +134,9 @@ def compile_variant(v: Variant, arch: int, fp_fusion: bool = False) -> dict:
         return row
     ptx = compiled.asm["ptx"]
     forbidden = sorted(set(FORBIDDEN.findall(ptx)))
-    row.update(ok=not forbidden, forbidden=forbidden, cubin_bytes=len(compiled.asm["cubin"]),
+    usage = resource_usage(compiled.asm["cubin"])
+    row.update(ok=not forbidden and usage["spill_bytes"] == 0, forbidden=forbidden,
+               cubin_bytes=len(compiled.asm["cubin"]), **usage,
                seconds=round(time.perf_counter() - start, 2))
     return row
 
@@ -130,11 +153,17 @@ def main(argv=None) -> int:
         return 2
     rows = [compile_variant(v, arch) for arch in args.arch for v in variants()]
     for row in rows:
-        status = "ok" if row["ok"] else "FAIL " + (row.get("error") or ", ".join(row["forbidden"]))
-        print(f"sm_{row['arch']:<4} {row['kernel']:<52} {status}")
+        if "error" in row:
+            status = "FAIL " + row["error"]
+        else:
+            problems = row["forbidden"] + ([f"{row['spill_bytes']} B spilled"]
+                                           if row["spill_bytes"] else [])
+            status = (f"regs {row['regs']:3d}  " + ("ok" if row["ok"] else
+                                                     "FAIL " + ", ".join(problems)))
+        print(f"sm_{row['arch']:<4} {row['kernel']:<44} {status}")
     failed = [r for r in rows if not r["ok"]]
     print(f"{len(rows) - len(failed)}/{len(rows)} kernel variants compiled with exact fp32 "
-          "arithmetic")
+          "arithmetic and no register spills")
     if args.json:
         print(json.dumps({"rows": rows, "failed": len(failed)}))
     return 1 if failed else 0

@@ -1,6 +1,7 @@
 """The NVFP4 Triton kernels compile for Hopper and Blackwell on this CPU-only machine (Triton ships
 ptxas), and the PTX keeps the reference's fp32 rounding: no fused multiply-adds, no approximate
-division. The interpreter, which the bit-exactness tests use here, can show neither."""
+division; and no kernel spills registers (a spilling streaming kernel cannot reach copy
+bandwidth). The interpreter, which the bit-exactness tests use here, can show none of these."""
 import json
 import os
 import subprocess
@@ -28,6 +29,7 @@ def test_every_kernel_variant_compiles_for_sm90_and_sm100_with_exact_fp32_ops():
     # 5 quantize modes for bf16 and fp32, 3 for fp16; both architectures
     assert sum(r["kernel"].startswith("_quantize_kernel") for r in rows) == 2 * 13
     assert report["failed"] == 0 and all(r["cubin_bytes"] > 0 for r in rows)
+    assert all(r["spill_bytes"] == 0 and 0 < r["regs"] <= 255 for r in rows)
 
 
 def test_the_check_catches_fma_contraction_when_fusion_is_left_on():
