@@ -10,6 +10,8 @@ rounding differs from the op-by-op fp32 arithmetic of ``reference.py``:
   ``enable_fp_fusion=False``; this check proves no contraction slipped in.
 - ``div.approx`` / ``div.full`` / ``rcp.approx`` on f32: approximate division (``/`` in Triton can
   lower to it); the kernels use ``tl.math.div_rn``.
+- ``.ftz``: flushing subnormals to zero (a tiny global amax makes 1/S subnormal; the reference
+  keeps it).
 
 Every kernel variant the launchers in ``triton_nvfp4.py`` can request is compiled with the
 compiled-mode block sizes of ``_blocks``. Exit status 1 if anything fails to compile, a forbidden
@@ -32,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 FORBIDDEN = re.compile(r"\b(fma\.[a-z.]*f32[a-z0-9]*|div\.(?:approx|full)\.[a-z.]*f32|"
-                       r"rcp\.approx\.[a-z.]*f32)\b")
+                       r"rcp\.approx\.[a-z.]*f32|[a-z]+(?:\.[a-z0-9]+)*\.ftz(?:\.[a-z0-9]+)*)")
 # Pointer element type of x per input dtype (bf16 tensors are passed as raw int16 bits).
 X_PTR = {"bf16": "*i16", "fp32": "*fp32", "fp16": "*fp16"}
 QUANTIZE_MODES = {                 # name -> (RHT, BLOCK_2D, STOCHASTIC)
