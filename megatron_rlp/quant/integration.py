@@ -39,7 +39,7 @@ from .nvfp4_linear import nvfp4_linear
 from .recipe import (BLOCK_KINDS, FP4_LINEARS, NVFP4Recipe, fp4_active, plan_for,
                      scaled_bf16_layers, sr_seed, switch_iteration)
 from .stats import QUANT_STATS
-from .te_gemm import TE_ALIGN, fp4_gemm_support, resolve_gemm, te_shape_ok
+from .te_gemm import fp4_gemm_support, resolve_gemm
 
 _BLOCK = 16
 # The layer attribute that holds a kind's linears (megatron's layer classes fix these slots).
@@ -129,11 +129,6 @@ def format_linear_plan(cfg: RunConfig, plan: Dict[Tuple[int, str], LinearPlan],
         where = ("TransformerEngine FP4 tensor cores" if backend == "te"
                  else "emulated (fp32 matmul of dequantized operands)")
         lines.append(f"NVFP4 GEMMs: {where} ({why})")
-        unaligned = [f"{p.layer}:{p.role}" for p in plan.values()
-                     if p.fp4 and not te_shape_ok(*p.local_shape)]
-        if backend == "te" and unaligned:
-            lines.append(f"  emulated instead (weight not a multiple of {TE_ALIGN}): "
-                         f"{', '.join(unaligned)}")
     return "\n".join(lines)
 
 
@@ -211,9 +206,8 @@ class _NVFP4LinearMixin:
                        microbatch=state.microbatch(self.nvfp4_calls),
                        tp_rank=self.tp_group.rank() if group is not None else 0)
         self.nvfp4_calls += 1
-        gemm = state.gemm if te_shape_ok(*plan.local_shape) else "emulated"
         return nvfp4_linear(input, weight, bias, recipe=state.recipe, sr_seed=seed,
-                            amax_reduce_group=group, gemm=gemm)
+                            amax_reduce_group=group, gemm=state.gemm)
 
 
 class NVFP4ColumnParallelLinear(_NVFP4LinearMixin, ColumnParallelLinear):

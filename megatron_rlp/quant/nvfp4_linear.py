@@ -36,7 +36,7 @@ from megatron_rlp.kernels import nvfp4
 
 from .recipe import NVFP4Recipe
 from .stats import QUANT_STATS
-from .te_gemm import TE_ALIGN, TENVFP4LinearFunction, te_shape_ok
+from .te_gemm import TENVFP4LinearFunction
 _BLOCK = nvfp4.BLOCK
 
 
@@ -149,9 +149,6 @@ def nvfp4_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if k % _BLOCK or n % _BLOCK:
         raise ValueError(f"nvfp4_linear: weight [N={n}, K={k}] needs N and K multiples of "
                          f"{_BLOCK} (per TP shard); keep this layer in BF16 or pad the width")
-    if gemm == "te" and not te_shape_ok(n, k):
-        raise ValueError(f"nvfp4_linear: gemm='te' needs N and K multiples of {TE_ALIGN} (FP4 "
-                         f"rows 16-byte aligned), weight is [N={n}, K={k}]; use gemm='emulated'")
     x2d = x.reshape(-1, k)
     if gemm == "te":
         y = TENVFP4LinearFunction.apply(x2d, weight, recipe.use_rht, recipe.use_sr,

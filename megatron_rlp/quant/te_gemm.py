@@ -35,8 +35,13 @@ from .stats import QUANT_STATS
 
 MIN_TE_VERSION = (2, 14)
 # cuBLAS reads FP4 operands with 16-byte aligned rows: 32 E2M1 values (megatron's fp4_utils gives the
-# same hardware reason). Both GEMM dimensions of a weight must be multiples of it (``te_shape_ok``);
-# token counts are zero-padded to it (zero rows add nothing to dW and their outputs are dropped).
+# same hardware reason), and each of the three GEMMs reads a different dimension contiguously
+# (fprop K, dgrad N, wgrad tokens). Operands are zero-padded to multiples of it in both dimensions:
+# padding never shares a 16-block with real values when the real size is a multiple of 16, and
+# tokens are padded as the emulation pads them, so the real blocks quantize identically, the zeros
+# add nothing to any product, and the padded outputs are sliced off. (The plan only admits
+# weights whose dimensions are multiples of 16; Nemotron-H 12B's Mamba in_proj at TP8 is 2320
+# rows per rank, a multiple of 16 but not of 32.)
 TE_ALIGN = 32
 
 
@@ -98,14 +103,10 @@ def resolve_gemm(choice: str, support: Tuple[bool, str]) -> Tuple[str, str]:
     return "emulated", why
 
 
-def te_shape_ok(n: int, k: int) -> bool:
-    """Whether a weight [n, k] (one TP shard) can run on TE's FP4 GEMMs; others stay emulated."""
-    return n % TE_ALIGN == 0 and k % TE_ALIGN == 0
-
-
-def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
-    pad = (-t.shape[0]) % TE_ALIGN
-    return F.pad(t, (0, 0, 0, pad)) if pad else t
+def _pad_aligned(t: torch.Tensor) -> torch.Tensor:
+    """[r, c] -> [ceil32(r), ceil32(c)] with zeros (contiguous; a no-op copy-free when aligned)."""
+    rows, cols = (-t.shape[0]) % TE_ALIGN, (-t.shape[1]) % TE_ALIGN
+    return F.pad(t, (0, cols, 0, rows)) if rows or cols else t.contiguous()
 
 
 def _quantizer(*, rht: bool = False, sr: bool = False, two_d: bool = False, group=None):
@@ -130,30 +131,30 @@ class TENVFP4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, weight, use_rht: bool, use_sr: bool, use_2d: bool, group):
         gemm = _general_gemm()
-        tokens = x2d.shape[0]
-        qx = _quantizer(rht=use_rht, group=group)(_pad_tokens(x2d.contiguous()))
-        qw = _quantizer(two_d=use_2d, group=group)(weight.contiguous())
+        tokens, (n, k) = x2d.shape[0], weight.shape
+        qx = _quantizer(rht=use_rht, group=group)(_pad_aligned(x2d))
+        qw = _quantizer(two_d=use_2d, group=group)(_pad_aligned(weight))
         y = gemm(qw, qx, out_dtype=x2d.dtype, use_split_accumulator=True)[0]
         QUANT_STATS["fprop"] += 1
         # The quantized copies are what backward needs (TE keeps both usages in one tensor);
         # they are TE tensor objects, so they ride on ctx rather than save_for_backward.
         ctx.qx, ctx.qw = qx, qw
-        ctx.cfg = (tokens, x2d.dtype, weight.dtype, use_rht, use_sr, group)
-        return y[:tokens]
+        ctx.cfg = (tokens, n, k, x2d.dtype, weight.dtype, use_rht, use_sr, group)
+        return y[:tokens, :n]
 
     @staticmethod
     def backward(ctx, dy):
         gemm = _general_gemm()
-        tokens, x_dtype, w_dtype, use_rht, use_sr, group = ctx.cfg
-        qdy = _quantizer(rht=use_rht, sr=use_sr, group=group)(_pad_tokens(dy.contiguous()))
+        tokens, n, k, x_dtype, w_dtype, use_rht, use_sr, group = ctx.cfg
+        qdy = _quantizer(rht=use_rht, sr=use_sr, group=group)(_pad_aligned(dy))
         dx = dw = None
         if ctx.needs_input_grad[0]:
             dx = gemm(ctx.qw, qdy, layout="NN", grad=True, out_dtype=x_dtype,
-                      use_split_accumulator=True)[0][:tokens]
+                      use_split_accumulator=True)[0][:tokens, :k]
             QUANT_STATS["dgrad"] += 1
         if ctx.needs_input_grad[1]:
             dw = gemm(ctx.qx, qdy, layout="NT", grad=True, out_dtype=w_dtype,
-                      use_split_accumulator=True)[0]
+                      use_split_accumulator=True)[0][:n, :k]
             QUANT_STATS["wgrad"] += 1
         ctx.qx = ctx.qw = None
         return dx, dw, None, None, None, None
