@@ -1,5 +1,6 @@
 """TP / PP / DP / SP / distributed-optimizer runs reproduce the one-process run, and their
-checkpoints reshard: multi-process (2 gloo ranks, torchrun) runs of `megatron_rlp.train`.
+checkpoints reshard: multi-process (2 gloo ranks, torchrun; 4 for TP2 x PP2 x SP) runs of
+`megatron_rlp.train`.
 
 Every layout trains the same tiny fp32 hybrid model (all three layer kinds) for 4 steps from the
 same seed on the same global batches (8 sequences = 4 micro-batches of 2 at DP=1, 2 per rank at
@@ -32,6 +33,9 @@ LAYOUTS = {
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
     "dp2": (2, []),
     "dp2_distopt": (2, ["--use-distributed-optimizer"]),
+    # all three at once on 4 ranks (DP=1): TP pairs inside each pipeline stage, SP between them
+    "tp2_pp2_sp": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+                       "--sequence-parallel"]),
 }
 
 
@@ -63,7 +67,7 @@ def runs(scratch, base_args):
     return get
 
 
-@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "pp2", "dp2", "dp2_distopt"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "pp2", "dp2", "dp2_distopt", "tp2_pp2_sp"])
 def test_parallel_layout_losses_match_one_process(runs, layout):
     reference = logged_losses(runs("tp1"))
     losses = logged_losses(runs(layout))
@@ -78,6 +82,7 @@ def test_parallel_layout_losses_match_one_process(runs, layout):
     ("tp1", "tp2"),            # reshard TP 1 -> 2
     ("pp2", "tp1"),            # reshard PP 2 -> 1
     ("dp2_distopt", "dp2_distopt"),  # distributed optimizer resume (0.16.1 bugs without TE/Apex)
+    ("tp2_pp2_sp", "tp1"),     # reshard TP 2 x PP 2 (4 ranks) -> 1 process
 ])
 def test_resumed_run_continues_the_saving_runs_losses(runs, scratch, base_args, saved_layout,
                                                       resumed_layout):
