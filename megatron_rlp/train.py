@@ -21,6 +21,8 @@ STAGE_BUILDERS: Dict[str, Callable] = {}
 CALLBACK_FACTORIES: List[Callable] = []
 DATA_SOURCE_BUILDERS: List[Callable] = []
 MODEL_SPEC_HOOKS: List[Callable] = []
+# (cfg) -> text or None, printed after the --dry-run report (e.g. the NVFP4 precision plan).
+DRY_RUN_REPORTS: List[Callable] = []
 
 # Under `python -m megatron_rlp.train` this file runs as `__main__`; extensions register with
 # `from megatron_rlp import train`, which would otherwise import a second copy whose registries
@@ -222,6 +224,10 @@ def main(argv: Optional[list] = None) -> int:
             from megatron_rlp.dry_run import dry_run
 
             dry_run(cfg)
+            for report in DRY_RUN_REPORTS:
+                text = report(cfg)
+                if text:
+                    print(text, flush=True)
             return 0
         run_training(cfg)
     except (ValueError, FileNotFoundError, FloatingPointError) as error:

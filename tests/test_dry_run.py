@@ -78,3 +78,16 @@ def test_memory_estimate_components():
     mem = memory_estimate(cfg, params_per_rank=1000, activations=10.0, in_flight=3, dp=4)
     assert mem == {"weights": 2000, "grads": 4000, "optimizer": 3000.0, "activations": 30.0,
                    "total": 9030.0}
+
+
+def test_dry_run_prints_the_nvfp4_plan_at_the_planned_tp_size():
+    out, _ = run_dry("--fp4", "nvfp4")
+    # 12B recipe: first 2 and last 8 of 62 blocks BF16; at TP8 every middle-block linear shard is
+    # a multiple of 16 (the Mamba in_proj: (2*10240 + 2*8*128 + 128) / 8 = 2832 rows), so all
+    # 52 middle blocks run both of their linears in NVFP4.
+    assert "NVFP4 blocks: 52/62, linears: 104/124" in out
+    assert "kept bf16" not in out
+    rows = {int(line.split()[0]): line.split()[2] for line in out.splitlines()
+            if re.match(r"\s+\d+\s+(mamba|attention|mlp)\s", line)}
+    assert [i for i, p in sorted(rows.items()) if p == "bf16"] == [0, 1, *range(54, 62)]
+    assert "NVFP4 GEMMs: chosen at start-up on the GPU (--fp4-gemm auto" in out

@@ -343,6 +343,17 @@ def spec_hook(cfg: RunConfig):
                              row_linear=NVFP4RowParallelLinear)
 
 
+def dry_run_report(cfg: RunConfig) -> Optional[str]:
+    """DRY_RUN_REPORTS entry: the per-block plan at the planned TP size, checked as a run would."""
+    if not cfg.fp4.enabled:
+        return None
+    plan = linear_plan(cfg)
+    check_plan(cfg, plan)
+    return (format_linear_plan(cfg, plan) + "\nNVFP4 GEMMs: chosen at start-up on the GPU "
+            f"(--fp4-gemm {cfg.fp4.fp4_gemm}: TransformerEngine on Blackwell with TE >= 2.14, "
+            "else emulated)")
+
+
 def callback_factory(cfg: RunConfig, model_chunks: list, tokenizer):
     """CALLBACK_FACTORIES entry."""
     return NVFP4Callback(cfg, model_chunks) if cfg.fp4.enabled else None
@@ -355,6 +366,8 @@ def _register() -> None:
         train.MODEL_SPEC_HOOKS.append(spec_hook)
     if callback_factory not in train.CALLBACK_FACTORIES:
         train.CALLBACK_FACTORIES.append(callback_factory)
+    if dry_run_report not in train.DRY_RUN_REPORTS:
+        train.DRY_RUN_REPORTS.append(dry_run_report)
 
 
 _register()

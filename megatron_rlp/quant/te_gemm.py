@@ -40,7 +40,7 @@ MIN_TE_VERSION = (2, 14)
 # padding never shares a 16-block with real values when the real size is a multiple of 16, and
 # tokens are padded as the emulation pads them, so the real blocks quantize identically, the zeros
 # add nothing to any product, and the padded outputs are sliced off. (The plan only admits
-# weights whose dimensions are multiples of 16; Nemotron-H 12B's Mamba in_proj at TP8 is 2320
+# weights whose dimensions are multiples of 16; Nemotron-H 12B's Mamba in_proj at TP8 is 2832
 # rows per rank, a multiple of 16 but not of 32.)
 TE_ALIGN = 32
 
