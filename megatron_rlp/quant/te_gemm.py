@@ -37,9 +37,10 @@ MIN_TE_VERSION = (2, 14)
 # cuBLAS reads FP4 operands with 16-byte aligned rows: 32 E2M1 values (megatron's fp4_utils gives the
 # same hardware reason), and each of the three GEMMs reads a different dimension contiguously
 # (fprop K, dgrad N, wgrad tokens). Operands are zero-padded to multiples of it in both dimensions:
-# padding never shares a 16-block with real values when the real size is a multiple of 16, and
-# tokens are padded as the emulation pads them, so the real blocks quantize identically, the zeros
-# add nothing to any product, and the padded outputs are sliced off. (The plan only admits
+# padding never shares a 16-block with real values when the real size is a multiple of 16, and a
+# ragged token count fills its last 16-block with zeros exactly as the emulation's padding does
+# (the rest are all-zero blocks), so the real blocks quantize identically, the zeros add nothing
+# to any product, and the padded outputs are sliced off. (The plan only admits
 # weights whose dimensions are multiples of 16; Nemotron-H 12B's Mamba in_proj at TP8 is 2832
 # rows per rank, a multiple of 16 but not of 32.)
 TE_ALIGN = 32
