@@ -53,33 +53,30 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64,
 
 def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.max_new_tokens < 1 or args.num_samples < 1:
-            raise ValueError("--max-new-tokens and --num-samples must be >= 1")
-        from megatron_rlp.data.tokenizer import build_tokenizer
-        from megatron_rlp.inference.load import load_model
-        from megatron_rlp.train import _import_extensions
+    from megatron_rlp.cli import run_main
 
-        _import_extensions()  # a saved run config may hold extension keys (rlp_*, fp4 ...)
+    return run_main("megatron-rlp-generate", lambda: _generate(args))
 
-        model = load_model(args.load)
-        d = model.run_config.data
-        tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
-        texts = generate_text(model.model, tokenizer, args.prompt,
-                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                              num_samples=args.num_samples,
-                              stop_ids=[tokenizer.eod] if args.stop_at_eod else [])
-    except (ValueError, FileNotFoundError) as error:
-        print(f"megatron-rlp-generate: error: {error}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        from megatron_rlp.training.distributed import destroy_distributed
 
-        destroy_distributed()
+def _generate(args) -> None:
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        raise ValueError("--max-new-tokens and --num-samples must be >= 1")
+    from megatron_rlp.data.tokenizer import build_tokenizer
+    from megatron_rlp.inference.load import load_model
+    from megatron_rlp.train import _import_extensions
+
+    _import_extensions()  # a saved run config may hold extension keys (rlp_*, fp4 ...)
+
+    model = load_model(args.load)
+    d = model.run_config.data
+    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
+    texts = generate_text(model.model, tokenizer, args.prompt,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                          num_samples=args.num_samples,
+                          stop_ids=[tokenizer.eod] if args.stop_at_eod else [])
     for text in texts:
         print(args.prompt + text, flush=True)
-    return 0
 
 
 if __name__ == "__main__":

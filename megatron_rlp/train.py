@@ -218,29 +218,24 @@ def _quiet_known_import_warnings() -> None:
 def main(argv: Optional[list] = None) -> int:
     _quiet_known_import_warnings()
     _import_extensions()
-    try:
-        cfg = parse_args(argv)
-        if cfg.checkpoint.dry_run:
-            from megatron_rlp.dry_run import dry_run
+    from megatron_rlp.cli import EXPECTED_ERRORS, run_main
 
-            dry_run(cfg)
-            for report in DRY_RUN_REPORTS:
-                text = report(cfg)
-                if text:
-                    print(text, flush=True)
-            return 0
-        run_training(cfg)
-    except (ValueError, FileNotFoundError, FloatingPointError) as error:
-        # Every rank raises the same error (checks run identically everywhere, or are agreed on
-        # collectively); one line from global rank 0 is enough. All ranks exit with 2.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"megatron-rlp-train: error: {error}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        from megatron_rlp.training.distributed import destroy_distributed
+    # FloatingPointError: training stopped on a non-finite gradient norm (nothing was saved).
+    return run_main("megatron-rlp-train", lambda: _run(parse_args(argv)),
+                    errors=EXPECTED_ERRORS + (FloatingPointError,))
 
-        destroy_distributed()
-    return 0
+
+def _run(cfg: RunConfig) -> None:
+    if cfg.checkpoint.dry_run:
+        from megatron_rlp.dry_run import dry_run
+
+        dry_run(cfg)
+        for report in DRY_RUN_REPORTS:
+            text = report(cfg)
+            if text:
+                print(text, flush=True)
+        return
+    run_training(cfg)
 
 
 if __name__ == "__main__":

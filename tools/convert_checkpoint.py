@@ -44,25 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    try:
-        if args.to_hf:
-            from megatron_rlp.hf.export import export_to_hf
+    from megatron_rlp.cli import run_main
 
-            export_to_hf(args.load, args.save, max_shard_size=args.max_shard_size,
-                         dtype=args.dtype, trim_vocab=args.trim_vocab, overwrite=args.overwrite,
-                         iteration=args.iteration)
-        else:
-            from megatron_rlp.hf.import_ import import_from_hf
+    return run_main("convert_checkpoint", lambda: _convert(args))
 
-            import_from_hf(args.load, args.save, overwrite=args.overwrite)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"convert_checkpoint: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        from megatron_rlp.training.distributed import destroy_distributed
 
-        destroy_distributed()
-    return 0
+def _convert(args) -> None:
+    if args.to_hf:
+        from megatron_rlp.hf.export import export_to_hf
+
+        export_to_hf(args.load, args.save, max_shard_size=args.max_shard_size,
+                     dtype=args.dtype, trim_vocab=args.trim_vocab, overwrite=args.overwrite,
+                     iteration=args.iteration)
+    else:
+        from megatron_rlp.hf.import_ import import_from_hf
+
+        import_from_hf(args.load, args.save, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -111,32 +111,29 @@ def augment(model, tokenizer, docs: list[dict], a: argparse.Namespace, progress=
 
 def main(argv: Optional[list] = None) -> int:
     a = get_args(argv)
-    try:
-        _check(a)
-        docs = _read(a.input, a.text_key, a.limit)
-        from tqdm import tqdm
+    from megatron_rlp.cli import run_main
 
-        import megatron_rlp
-        from megatron_rlp.data.corpus import write_jsonl
-        from megatron_rlp.data.tokenizer import build_tokenizer
+    return run_main("tpt_augment", lambda: _augment_file(a), errors=(ValueError,))
 
-        model = megatron_rlp.load_model(a.load)
-        d = model.run_config.data
-        tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
-        with tqdm(total=len(docs), desc="thinking", unit="doc", disable=None) as bar:
-            augmented = augment(model, tokenizer, docs, a, bar)
-        write_jsonl(augmented, a.output)  # atomic: temp file, then rename
-    except ValueError as e:
-        print(f"tpt_augment: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        from megatron_rlp.training.distributed import destroy_distributed
 
-        destroy_distributed()
+def _augment_file(a) -> None:
+    _check(a)
+    docs = _read(a.input, a.text_key, a.limit)
+    from tqdm import tqdm
+
+    import megatron_rlp
+    from megatron_rlp.data.corpus import write_jsonl
+    from megatron_rlp.data.tokenizer import build_tokenizer
+
+    model = megatron_rlp.load_model(a.load)
+    d = model.run_config.data
+    tokenizer = build_tokenizer(d.tokenizer_type, d.tokenizer_model)
+    with tqdm(total=len(docs), desc="thinking", unit="doc", disable=None) as bar:
+        augmented = augment(model, tokenizer, docs, a, bar)
+    write_jsonl(augmented, a.output)  # atomic: temp file, then rename
     mean = sum(len(x["thinking"]) for x in augmented) / max(len(augmented), 1)
     print(json.dumps({"documents": len(augmented), "output": os.path.abspath(a.output),
                       "mean_thinking_chars": round(mean, 1)}), flush=True)
-    return 0
 
 
 if __name__ == "__main__":
