@@ -15,7 +15,7 @@ VOCAB = 200
 def model():
     from megatron_rlp.config import config_from_dict
     from megatron_rlp.models.hybrid import build_model
-    from megatron_rlp.training.distributed import init_distributed
+    from megatron_rlp.training.distributed import destroy_distributed, init_distributed
 
     cfg = config_from_dict(dict(
         num_layers=5, hybrid_override_pattern="M*-M*", hidden_size=64, ffn_hidden_size=128,
@@ -25,8 +25,11 @@ def model():
     init_distributed(cfg.parallel, cfg.training.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: threads only add contention on a shared CPU
-    yield build_model(cfg, VOCAB).eval()
-    torch.set_num_threads(threads)
+    try:
+        yield build_model(cfg, VOCAB).eval()
+    finally:
+        torch.set_num_threads(threads)
+        destroy_distributed()  # later in-process tests may start their own process group
 
 
 PROMPTS = [[5, 17, 33, 2, 99, 150, 7, 8, 9, 10, 11],  # lengths straddle the scan chunk (8)
