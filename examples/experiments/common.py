@@ -248,6 +248,12 @@ def write_text(path: str, text: str) -> None:
     _atomic_write(path, text.encode())
 
 
+def write_results(out: str, metrics: dict, report_md: str) -> None:
+    """Every experiment's result files: ``metrics.json`` (all numbers) and ``report.md``."""
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    write_text(os.path.join(out, "report.md"), report_md)
+
+
 def plot(path: str, curves: dict, title: str, xlabel: str, ylabel: str,
          logy: bool = False) -> str:
     """curves: {label: (xs, ys)} or {label: (xs, ys, style_kwargs)}. Written atomically."""

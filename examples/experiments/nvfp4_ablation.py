@@ -141,8 +141,7 @@ def main(argv=None) -> dict:
     ax.set_ylabel("final held-out loss gap to BF16 (%)")
     fig.tight_layout()
     C.save_figure(fig, os.path.join(out, "gap.png"))
-    C.write_json(os.path.join(out, "metrics.json"), metrics)
-    C.write_text(os.path.join(out, "report.md"), report(metrics))
+    C.write_results(out, metrics, report(metrics))
     return metrics
 
 

@@ -170,8 +170,7 @@ def main(argv=None) -> dict:
         ax.legend(fontsize=8)
     fig.tight_layout()
     C.save_figure(fig, os.path.join(out, "eval.png"))
-    C.write_json(os.path.join(out, "metrics.json"), metrics)
-    C.write_text(os.path.join(out, "report.md"), report(metrics))
+    C.write_results(out, metrics, report(metrics))
     return metrics
 
 

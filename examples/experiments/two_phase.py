@@ -194,8 +194,7 @@ def main(argv=None) -> dict:
     fig.tight_layout()
     C.save_figure(fig, os.path.join(out, "eval_bars.png"))
 
-    C.write_json(os.path.join(out, "metrics.json"), metrics)
-    C.write_text(os.path.join(out, "report.md"), report(metrics))
+    C.write_results(out, metrics, report(metrics))
     return metrics
 
 
