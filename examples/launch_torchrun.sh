@@ -11,7 +11,11 @@ set -euo pipefail
 NPROC=${1:?usage: $0 NPROC [train flags...]}
 shift
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export TORCHDYNAMO_DISABLE=${TORCHDYNAMO_DISABLE:-1}   # CPU: no torch.compile (see DESIGN.md)
+if ! python -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    # CPU only: torch.compile costs seconds per process and buys nothing at CPU sizes. GPU runs
+    # keep torch.compile (megatron's fused helpers use it).
+    export TORCHDYNAMO_DISABLE=${TORCHDYNAMO_DISABLE:-1}
+fi
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}  # TP comm/compute ordering
 # torchrun leaves torchelastic_* folders in the temp directory; keep them out of /tmp's way.
 export TMPDIR=${TMPDIR:-$(mktemp -d)}

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
+
+from megatron_rlp.device import broadcast
 
 from .cache import HybridCache
 from .decode import CachedDecoder, full_logits
@@ -37,13 +38,10 @@ class Generation:
 def _tp_sync(tokens: torch.Tensor) -> torch.Tensor:
     from megatron.core import parallel_state
 
-    if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
+    if not parallel_state.model_parallel_is_initialized():
         return tokens
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return tokens
-    dist.broadcast(tokens, parallel_state.get_tensor_model_parallel_src_rank(),
-                   group=parallel_state.get_tensor_model_parallel_group())
-    return tokens
+    return broadcast(tokens, parallel_state.get_tensor_model_parallel_src_rank(),
+                     group=parallel_state.get_tensor_model_parallel_group())
 
 
 @torch.no_grad()

@@ -39,8 +39,22 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1
         kept = kept.masked_fill(drop, float("-inf"))
     probs = torch.softmax(kept, dim=-1)
     if generator is not None and generator.device != probs.device:
-        # A CPU generator (seeded per rollout, device-independent draws) with GPU logits.
-        tokens = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(probs.device)
+        # A CPU generator (seeded per rollout) with GPU logits.
+        tokens = sample_inverse_cdf(probs, generator)
     else:
         tokens = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return tokens, logprobs_all.gather(-1, tokens[:, None])[:, 0]
+
+
+def sample_inverse_cdf(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """probs [b, V] (rows sum to 1) -> tokens [b], one uniform per row from `generator`.
+
+    The uniforms are drawn on the generator's device and only those b numbers cross to the
+    probabilities' device: copying the [b, V] probabilities to a CPU generator would cost a
+    device-to-host transfer (and a sync) per decoded token. Token v is chosen when
+    cdf[v-1] <= u * cdf[V-1] < cdf[v], so zero-probability tokens (cut by top-k/top-p) never are."""
+    u = torch.rand(probs.shape[0], 1, generator=generator, device=generator.device)
+    cdf = probs.cumsum(dim=-1)
+    target = u.to(probs.device, non_blocking=True) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return tokens.clamp_(max=probs.shape[-1] - 1)  # u * total can round up to total

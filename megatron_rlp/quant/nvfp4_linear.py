@@ -29,9 +29,9 @@ import hashlib
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from megatron_rlp.device import all_reduce
 from megatron_rlp.kernels import nvfp4
 
 from .recipe import NVFP4Recipe
@@ -63,9 +63,7 @@ def _amax(t: torch.Tensor, rht: bool, group, backend) -> Optional[torch.Tensor]:
     """Global amax, all-reduced (MAX) over ``group``; None lets quantize() compute it locally."""
     if group is None:
         return None
-    a = nvfp4.compute_amax(t, rht=rht, backend=backend).clone()
-    dist.all_reduce(a, op=dist.ReduceOp.MAX, group=group)
-    return a
+    return all_reduce(nvfp4.compute_amax(t, rht=rht, backend=backend).clone(), "max", group)
 
 
 def quantize_operand(t: torch.Tensor, *, block_2d: bool = False, rht: bool = False,

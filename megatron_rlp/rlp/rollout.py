@@ -129,16 +129,19 @@ def make_rollout(decoder, teacher, tokenizer, data: dict, rcfg, *, seed: int, fi
                    stop_ids=[tokenizer.think_end], generator=gen, pad_id=tokenizer.pad)
     rollout_s = time.perf_counter() - t0
 
+    # Rows are built on the host: bring the samples over once, not one element per row.
+    sampled, lengths, stopped, logprobs = (x.cpu() for x in (out.tokens, out.lengths,
+                                                             out.stopped, out.logprobs))
     rows, masks, slps, tpos = [], [], [], []
     for r in range(len(prompts) * g):
-        b, k = r // g, int(out.lengths[r])
-        thought = out.tokens[r, :k].tolist()  # (on the model's device; rows are built on CPU)
-        closing = [] if bool(out.stopped[r]) else [tokenizer.think_end]
+        b, k = r // g, int(lengths[r])
+        thought = sampled[r, :k].tolist()
+        closing = [] if bool(stopped[r]) else [tokenizer.think_end]
         row = prompts[b] + thought + closing + [int(targets[b])]
         p = len(prompts[b])
         rows.append(row)
         masks.append((p - 1, k))
-        slps.append(out.logprobs[r, :k].cpu())
+        slps.append(logprobs[r, :k])
         tpos.append(len(row) - 2)
     width = max(len(x) for x in rows)
     n = len(rows)
@@ -161,8 +164,8 @@ def make_rollout(decoder, teacher, tokenizer, data: dict, rcfg, *, seed: int, fi
         reward_s += time.perf_counter() - t0
     return Rollout(tokens=tokens, labels=labels, thought_mask=thought_mask,
                    target_pos=torch.tensor(tpos), targets=targets, teacher_logp=teacher_logp,
-                   sampler_logp=sampler_logp, thought_len=out.lengths.cpu(),
-                   stopped=out.stopped.cpu(), num_thoughts=g, truth=truth,
+                   sampler_logp=sampler_logp, thought_len=lengths,
+                   stopped=stopped, num_thoughts=g, truth=truth,
                    context_tokens=sum(len(c) for c in contexts),
                    generated_tokens=int(out.lengths.sum()), rollout_s=rollout_s,
                    reward_s=reward_s, ref_logp=ref_logp)

@@ -20,8 +20,9 @@ import time
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
+
+from megatron_rlp import device
 
 from megatron_rlp.training.trainer import Callback
 
@@ -94,8 +95,11 @@ class RLPStage:
         self.model_chunks = model_chunks
         self.decoder = CachedDecoder(model_chunks[0], tokenizer.vocab_size)
         fp32_cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, bf16=False))
-        self.teacher = EMATeacher(lambda: build_model(fp32_cfg, tokenizer.vocab_size),
-                                  self.rcfg.rlp_ema_decay)
+        # The teacher sits beside the student (same device, same TP shard), in fp32.
+        student_device = device.model_device(model_chunks[0])
+        self.teacher = EMATeacher(
+            lambda: build_model(fp32_cfg, tokenizer.vocab_size).to(student_device),
+            self.rcfg.rlp_ema_decay)
         self.pre, self.post = split_template(self.rcfg.rlp_prompt_template, tokenizer)
         self.token_bytes = token_bytes_table(tokenizer) if self.rcfg.rlp_reward == "rpt" else None
         self.stats = dict.fromkeys(_SUM_KEYS, 0.0)
@@ -174,11 +178,11 @@ class RLPCallback(Callback):
     def after_optimizer_step(self, trainer, iteration: int) -> None:
         self.stage.teacher.update(trainer.model[0])
         s = self.stage.stats
-        step_tokens = torch.tensor([s["row_tokens"] - s.get("_counted_rows", 0.0),
-                                    s["context_tokens"] - s.get("_counted_ctx", 0.0)])
+        step_tokens = device.all_reduce_values(
+            [s["row_tokens"] - s.get("_counted_rows", 0.0),
+             s["context_tokens"] - s.get("_counted_ctx", 0.0)],
+            group=parallel_state.get_data_parallel_group())
         s["_counted_rows"], s["_counted_ctx"] = s["row_tokens"], s["context_tokens"]
-        if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-            dist.all_reduce(step_tokens, group=parallel_state.get_data_parallel_group())
         total = trainer.extra_state.get("rlp_ntp_equivalent_tokens", 0)
         trainer.extra_state["rlp_ntp_equivalent_tokens"] = total + ntp_equivalent_tokens(
             int(step_tokens[0]), int(step_tokens[1]))
@@ -190,10 +194,8 @@ class RLPCallback(Callback):
 
     def metrics(self, trainer) -> dict:
         s = self.stage.stats
-        values = torch.tensor([float(s[k]) for k in _SUM_KEYS], dtype=torch.float64)
-        if dist.is_initialized() and parallel_state.get_data_parallel_world_size() > 1:
-            dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
-        v = dict(zip(_SUM_KEYS, values.tolist()))
+        v = dict(zip(_SUM_KEYS, device.all_reduce_values(
+            [s[k] for k in _SUM_KEYS], group=parallel_state.get_data_parallel_group())))
         dp = parallel_state.get_data_parallel_world_size()
         n = max(v["rewards"], 1)
         mean = v["reward_sum"] / n
