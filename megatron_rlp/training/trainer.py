@@ -14,6 +14,7 @@ the schedule and optimizer come from the checkpoint, RNG is restored.
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from functools import partial
@@ -24,6 +25,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_rlp import device
 from megatron_rlp.config import RunConfig
 from megatron_rlp.training import checkpoint as ckpt
 from megatron_rlp.training.metrics import MetricsLogger
@@ -73,7 +75,8 @@ class PretrainStage:
             yield self.data_source.batch(consumed_samples + (j * dp + rank) * mbs, mbs)
 
     def forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        # Batches are built on the host; the schedule hands the model whatever we pass it.
+        batch = device.to_device(next(data_iterator), device.model_device(model))
         output = model(batch["tokens"], None, None, labels=batch["labels"])
         return output, partial(self.loss_func, batch["loss_mask"])
 
@@ -84,6 +87,31 @@ class PretrainStage:
         # clone: megatron's schedule divides the returned loss by the micro-batch count *in
         # place*, and a plain detach() shares its storage.
         return loss, {"loss": loss.detach().clone()}
+
+
+class LossSpikeGuard:
+    """`--loss-spike-factor F`: stop when an iteration's loss exceeds F x the mean of the last
+    `window` losses (at least `min_history` of them), before anything is saved, so the newest
+    checkpoint predates the spike. Only the last pipeline stage sees the loss, so every rank
+    agrees on the verdict (one tiny collective per iteration, only when the guard is on).
+    The window starts empty after a resume."""
+
+    def __init__(self, factor: Optional[float], window: int = 20, min_history: int = 5):
+        self.factor, self.window, self.min_history = factor, window, min_history
+        self.history: List[float] = []
+
+    def spiked(self, loss: Optional[float]) -> Optional[float]:
+        """The running mean `loss` exceeded (None: no spike), agreed over all ranks."""
+        if self.factor is None:
+            return None
+        mean = sum(self.history) / len(self.history) if self.history else None
+        spike = (loss is not None and mean is not None and len(self.history) >= self.min_history
+                 and loss > self.factor * mean)
+        if loss is not None:
+            self.history = (self.history + [loss])[-self.window:]
+        if device.any_rank(spike):
+            return mean if mean is not None else float("nan")
+        return None
 
 
 class Trainer:
@@ -100,6 +128,7 @@ class Trainer:
         self.consumed_samples = 0
         self.extra_state: dict = {}
         self._stop_requested = False
+        self.spike_guard = LossSpikeGuard(cfg.training.loss_spike_factor)
         dp = parallel_state.get_data_parallel_world_size()
         t = cfg.training
         self.global_batch_size = t.global_batch(dp)
@@ -126,16 +155,18 @@ class Trainer:
             print(f"saved checkpoint {ckpt.checkpoint_dir(save, self.iteration)}", flush=True)
 
     def resume(self, load: str, *, finetune: bool = False, load_optim: bool = True,
-               load_rng: bool = True) -> None:
+               load_rng: bool = True, iteration: Optional[int] = None,
+               verify: bool = True) -> None:
         """Resume a run (`finetune=False`: iteration, data position, optimizer, schedule) or start
-        a new stage from its weights (`finetune=True`: weights only, iteration 0)."""
+        a new stage from its weights (`finetune=True`: weights only, iteration 0). `iteration`
+        None loads `latest`; `verify=False` when the caller has checked the manifest."""
         keep_optimizer = load_optim and not finetune
         state = ckpt.load_checkpoint(
             load, self.model,
             optimizer=self.optimizer if keep_optimizer else None,
             scheduler=self.scheduler if keep_optimizer else None,
             components=self.components() if not finetune else {},
-            load_rng=load_rng and not finetune)
+            load_rng=load_rng and not finetune, iteration=iteration, verify=verify)
         if finetune:
             return
         self.iteration = int(state["iteration"])
@@ -209,15 +240,12 @@ class Trainer:
     def _stop_agreed(self) -> bool:
         """All ranks agree to stop if any received SIGTERM (SLURM signals ranks at different
         times; a rank that stops alone would hang the others in the next collective)."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return device.any_rank(self._stop_requested)
 
     def train(self) -> dict:
         t, c = self.cfg.training, self.cfg.checkpoint
         logger = MetricsLogger(c.save, t.train_iters, enabled=is_logging_rank(),
-                               resume_iteration=self.iteration)
+                               resume_iteration=self.iteration, **self._throughput_accounting())
         self._install_sigterm_handler()
         for callback in self.callbacks:
             callback.on_train_start(self)
@@ -230,6 +258,7 @@ class Trainer:
             for callback in self.callbacks:
                 callback.on_iteration_start(self, self.iteration)
             record = self.train_step()
+            self._check_loss_spike(record.get("loss"))
             logger.tick()
             # A stage may count its own tokens (RLP: rows through the training forward).
             tokens_in_window += (getattr(self.stage, "tokens_last_iteration", None)
@@ -260,6 +289,38 @@ class Trainer:
         summary.update(iteration=self.iteration, wall_s=time.perf_counter() - start)
         return summary
 
+    def _check_loss_spike(self, loss: Optional[float]) -> None:
+        mean = self.spike_guard.spiked(loss)
+        if mean is None:
+            return
+        save = self.cfg.checkpoint.save
+        newest = ckpt.read_latest_iteration(save) if save and os.path.isdir(save) else None
+        kept = (f"the newest checkpoint (iteration {newest}) predates it" if newest is not None
+                else "no checkpoint was written")
+        shown = "on the last pipeline stage" if loss is None else f"{loss:.4g}"
+        raise FloatingPointError(
+            f"iteration {self.iteration}: loss {shown} exceeds --loss-spike-factor "
+            f"{self.cfg.training.loss_spike_factor} x the recent mean {mean:.4g}; stopped without "
+            f"saving, {kept}: resume from it with a lower --lr, or raise the factor")
+
+    def _throughput_accounting(self) -> dict:
+        """What the logger needs for TFLOP/s per device and MFU (Megatron-LM's throughput line).
+        The FLOP formula is next-token pretraining's; other stages report tokens/s only."""
+        if self.stage.name != PretrainStage.name:
+            return {}
+        from megatron.core.utils import get_attr_wrapped_model
+
+        from megatron_rlp.training.flops import (matmul_precision, peak_flops_per_device,
+                                                 training_flops_per_iteration)
+
+        vocab = get_attr_wrapped_model(self.model[0], "vocab_size")  # already padded
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return {"flops_per_iteration": training_flops_per_iteration(
+                    self.cfg, self.global_batch_size, vocab),
+                "num_devices": world,
+                "peak_flops": peak_flops_per_device(
+                    precision=matmul_precision(self.cfg.training.bf16))}
+
     def _phase(self) -> Optional[str]:
         source = getattr(self.stage, "data_source", None)
         phase = getattr(source, "phase", None)
@@ -273,7 +334,5 @@ def _reduce_loss_dicts(outputs: list) -> dict:
     keys = outputs[0].keys()
     means = torch.stack([torch.stack([o[k].float() for o in outputs]).mean() for k in keys])
     dp_group = parallel_state.get_data_parallel_group()
-    if dist.get_world_size(dp_group) > 1:
-        dist.all_reduce(means, group=dp_group)
-        means /= dist.get_world_size(dp_group)
-    return {k: float(v) for k, v in zip(keys, means)}
+    means = device.all_reduce(means, "sum", dp_group) / parallel_state.get_data_parallel_world_size()
+    return dict(zip(keys, device.host_list(means)))
