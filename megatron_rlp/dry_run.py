@@ -109,10 +109,9 @@ def dry_run(cfg: RunConfig, verbose: bool = True) -> dict:
     from megatron.core import parallel_state
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from megatron_rlp.compat import apply_cpu_patches
     from megatron_rlp.data.tokenizer import build_tokenizer
     from megatron_rlp.models.hybrid import build_model, padded_vocab_size
-    from megatron_rlp.training.distributed import check_layout
+    from megatron_rlp.training.distributed import check_layout, prepare_megatron
 
     p, t = cfg.parallel, cfg.training
     check_layout(p)
@@ -129,7 +128,7 @@ def dry_run(cfg: RunConfig, verbose: bool = True) -> dict:
                                                       cfg.data.tokenizer_model).vocab_size
     gbs = t.global_batch(dp)
     num_microbatches = gbs // (t.micro_batch_size * dp)
-    apply_cpu_patches(force=True)  # TE-free final norm; nothing here touches a GPU
+    prepare_megatron()  # as training would on this host; everything is built on the meta device
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, tp)
     kinds = cfg.model.layer_kinds
     per_stage_layers = len(kinds) // pp

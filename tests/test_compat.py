@@ -40,12 +40,8 @@ def test_rng_tracker_fork_is_isolated_and_reproducible():
 
 def test_patches_install_cpu_versions_of_megatron_symbols():
     assert apply_cpu_patches() is True
-    import megatron.core.ssm.mamba_block as mamba_block
     import megatron.core.tensor_parallel.random as tp_random
 
-    from megatron_rlp.models.norm import RMSNorm
-
-    assert mamba_block.TENorm is RMSNorm
     assert isinstance(tp_random.get_cuda_rng_tracker(), CpuRNGStatesTracker)
     assert torch.cuda.current_device() == 0
     torch.cuda.synchronize()  # no-op instead of "Torch not compiled with CUDA enabled"

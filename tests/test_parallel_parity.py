@@ -33,6 +33,10 @@ LAYOUTS = {
     "pp2": (2, ["--pipeline-model-parallel-size", "2"]),
     "dp2": (2, []),
     "dp2_distopt": (2, ["--use-distributed-optimizer"]),
+    # the GPU default: the DP reduce starts from backward hooks (async gloo here) and waits in
+    # finalize; gradient accumulation (2 micro-batches per rank) must hold it back until the last
+    "dp2_overlap": (2, ["--overlap-grad-reduce"]),
+    "dp2_distopt_overlap": (2, ["--use-distributed-optimizer", "--overlap-grad-reduce"]),
     # all three at once on 4 ranks (DP=1): TP pairs inside each pipeline stage, SP between them
     "tp2_pp2_sp": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
                        "--sequence-parallel"]),
@@ -67,7 +71,8 @@ def runs(scratch, base_args):
     return get
 
 
-@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "pp2", "dp2", "dp2_distopt", "tp2_pp2_sp"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "pp2", "dp2", "dp2_distopt", "dp2_overlap",
+                                    "dp2_distopt_overlap", "tp2_pp2_sp"])
 def test_parallel_layout_losses_match_one_process(runs, layout):
     reference = logged_losses(runs("tp1"))
     losses = logged_losses(runs(layout))

@@ -106,15 +106,6 @@ def patch_tensor_parallel_backward() -> None:
             obj.backward = staticmethod(backward)
 
 
-def patch_final_norm() -> None:
-    """`ssm/mamba_block.py` builds the stack's final norm with a hard-coded `TENorm`, outside the
-    layer spec, and TENorm needs TransformerEngine. Use our RMSNorm (same parameter name `weight`)."""
-    from megatron_rlp.models.norm import RMSNorm
-
-    module = _require("megatron.core.ssm.mamba_block", "TENorm")
-    module.TENorm = RMSNorm
-
-
 class CpuRNGStatesTracker:
     """Named RNG streams on the CPU generator, with the interface of megatron's
     `tensor_parallel.random.CudaRNGStatesTracker` (add / fork / get_states / set_states / reset).
@@ -189,32 +180,6 @@ def patch_rng_tracker() -> None:
     tp_pkg.model_parallel_cuda_manual_seed = cpu_model_parallel_manual_seed
 
 
-def patch_distributed_optimizer_step() -> None:
-    """Without TE/Apex (always the case on CPU) megatron falls back to torch's AdamW, whose state
-    has a per-param `step`. `DistributedOptimizer.load_parameter_state_from_fully_reshardable`
-    (optimizer/distrib_optimizer.py) skips `step` in the loaded tensors, then
-    `_set_main_param_and_optimizer_states` copies every key of the param's state from them:
-    `KeyError: 'step'`. `step` was already restored from the param groups by `load_state_dict`,
-    so keep it as is."""
-    module = _require("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer")
-    cls = module.DistributedOptimizer
-    original = cls._set_main_param_and_optimizer_states
-    if getattr(original, "_megatron_rlp_patched", False):
-        return
-
-    def set_states(self, model_param, tensors):
-        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            step = self.optimizer.state[main_param].get("step")
-            if step is not None:
-                tensors = {**tensors, "step": step}  # copy_ onto itself: unchanged
-        return original(self, model_param, tensors)
-
-    set_states._megatron_rlp_patched = True
-    cls._set_main_param_and_optimizer_states = set_states
-
-
 def patch_torch_compile() -> None:
     """megatron's squared-ReLU and a few fused helpers are wrapped in `torch.compile` (`jit_fuser`);
     dynamo on CPU adds seconds of compile per process for no gain at our sizes."""
@@ -234,9 +199,7 @@ def apply_cpu_patches(force: bool = False) -> bool:
     patch_torch_compile()
     patch_cuda_device_queries()
     patch_rng_tracker()
-    patch_final_norm()
     patch_tensor_parallel_backward()
-    patch_distributed_optimizer_step()
     mode = CudaToCpuMode()
     mode.__enter__()  # active for the life of the process: megatron allocates lazily, anywhere
     _APPLIED = True

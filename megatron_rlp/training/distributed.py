@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel import random as tp_random
 
-from megatron_rlp.compat import apply_cpu_patches
+from megatron_rlp.compat import apply_cpu_patches, patch_distributed_optimizer_step
 from megatron_rlp.config import ParallelConfig
 
 
@@ -25,12 +25,12 @@ def backend() -> str:
 def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int = 10) -> None:
     """Start the process group (if needed), megatron's TP/PP/DP groups and the RNG streams."""
     check_layout(parallel)
-    apply_cpu_patches()
+    prepare_megatron()
     if not dist.is_initialized():
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            select_local_gpu()
         if "MASTER_ADDR" in os.environ:
             init_method = "env://"
         else:  # a world of one: a private file store avoids port clashes between runs
@@ -56,6 +56,24 @@ def init_distributed(parallel: ParallelConfig, seed: int, timeout_minutes: int =
             virtual_pipeline_model_parallel_size=vpp,
         )
     seed_everything(seed)
+
+
+def select_local_gpu() -> None:
+    """`cuda:LOCAL_RANK` becomes this process's device (megatron allocates on the current device)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    visible = torch.cuda.device_count()
+    if local_rank >= visible:
+        raise ValueError(f"LOCAL_RANK={local_rank} but this node shows {visible} CUDA device(s); "
+                         f"launch at most {visible} processes per node (torchrun "
+                         "--nproc-per-node) or check CUDA_VISIBLE_DEVICES")
+    torch.cuda.set_device(local_rank)
+
+
+def prepare_megatron() -> bool:
+    """Patch megatron-core for this host: its bug fixes everywhere, the CPU shims only where there
+    is no CUDA (on a GPU host megatron runs unpatched). Returns whether the CPU shims are active."""
+    patch_distributed_optimizer_step()
+    return apply_cpu_patches()
 
 
 def check_layout(parallel: ParallelConfig) -> None:

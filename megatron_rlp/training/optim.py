@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import List
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                        finalize_model_grads)
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
@@ -16,13 +17,19 @@ from megatron_rlp.config import RunConfig
 
 def wrap_model(cfg: RunConfig, chunks: List[torch.nn.Module]) -> List[DistributedDataParallel]:
     """bf16 runs wrap each chunk in megatron's `Float16Module` (casts inputs/outputs); every run
-    wraps in megatron's DDP, whose contiguous grad buffers the (distributed) optimizer needs."""
+    wraps in megatron's DDP, whose contiguous grad buffers the (distributed) optimizer needs.
+    Chunks must already be on their device: DDP allocates its buffers on the current device."""
+    overlap = cfg.parallel.overlap_grad_reduce
+    if overlap is None:
+        overlap = torch.cuda.is_available()
+    dp = parallel_state.get_data_parallel_world_size()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        # Bucketing only pays off when overlapping with backward on GPU.
-        bucket_size=None,
+        # Buckets let the reduce of the last layers' grads start while earlier layers still run
+        # backward (Megatron-LM's default size); without overlap one bucket is cheapest.
+        bucket_size=max(40_000_000, 1_000_000 * dp) if overlap else None,
     )
     wrapped = []
     for index, chunk in enumerate(chunks):
@@ -35,8 +42,14 @@ def wrap_model(cfg: RunConfig, chunks: List[torch.nn.Module]) -> List[Distribute
     # The schedules call this after the last backward: DP all-reduce (or reduce-scatter for the
     # distributed optimizer), TP all-reduce of sequence-parallel norm grads, PP embedding sync.
     # Megatron-LM's training.py sets it; without it each DP rank silently steps on its own grads.
-    for chunk in wrapped:
-        chunk.config.finalize_model_grads_func = finalize_model_grads
+    (chunk,) = wrapped  # one chunk per rank: interleaved pipeline stages are rejected
+    chunk.config.finalize_model_grads_func = finalize_model_grads
+    if overlap:
+        # With overlap the schedule must hold the reduce back until the last micro-batch
+        # (no_sync) and may start it from the pipeline schedule (start_grad_sync), as
+        # Megatron-LM's training.py wires it; otherwise every micro-batch would reduce.
+        chunk.config.no_sync_func = chunk.no_sync
+        chunk.config.grad_sync_func = chunk.start_grad_sync
     return wrapped
 
 
