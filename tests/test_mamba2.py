@@ -138,6 +138,71 @@ def test_chunked_scan_gradients_match_reference():
         assert torch.allclose(g, gr, atol=1e-4, rtol=1e-4)
 
 
+def _document_ids(b, L, seed):
+    """Non-decreasing document ids per row, boundaries at random places (some rows one document)."""
+    gen = torch.Generator().manual_seed(seed)
+    starts = (torch.rand(b, L, generator=gen) < 0.2).long()
+    starts[:, 0] = 0
+    return starts.cumsum(dim=1)
+
+
+@pytest.mark.parametrize("documents", [False, True])
+def test_chunked_scan_hand_written_backward_passes_gradcheck(documents):
+    """`_ChunkedScan`'s backward against finite differences (fp64), through every input: x, dt,
+    A, B, C, D and the initial state; L is not a multiple of the chunk, heads share groups."""
+    b, L, h, p, g, n, chunk = 2, 11, 4, 3, 2, 3, 4
+    x, dt, A, B, C, D = (t.double() for t in scan_inputs(b, L, h, p, g, n, seed=5))
+    init = torch.randn(b, h, p, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    seq = _document_ids(b, L, seed=7) if documents else None
+    if documents:
+        assert seq[:, -1].max() > 0  # at least one boundary
+    inputs = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, init)]
+
+    def scan(x, dt, A, B, C, D, init):
+        return ssd_scan_chunked(x, dt, A, B, C, chunk, D, initial_state=init, seq_idx=seq)
+
+    assert torch.autograd.gradcheck(scan, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk,L", [(8, 30), (16, 16), (64, 20)])
+def test_chunked_scan_gradients_with_documents_and_state_match_sequential_autograd(chunk, L):
+    """fp32 gradients of every input (incl. the initial state and the final state's gradient)
+    equal autograd through the sequential recurrence, with packed documents."""
+    x, dt, A, B, C, D = scan_inputs(2, L, 4, 8, 2, 16, seed=8)
+    init = torch.randn(2, 4, 8, 16, generator=torch.Generator().manual_seed(9))
+    seq = _document_ids(2, L, seed=10)
+    weights = torch.randn(2, L, 4, 8, generator=torch.Generator().manual_seed(11))
+
+    def grads(fn):
+        inputs = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D, init)]
+        y, s = fn(*inputs)
+        return torch.autograd.grad((y * weights).sum() + s.square().sum(), inputs)
+
+    ours = grads(lambda x, dt, A, B, C, D, init: ssd_scan_chunked(
+        x, dt, A, B, C, chunk, D, initial_state=init, seq_idx=seq))
+    ref = grads(lambda x, dt, A, B, C, D, init: ssd_scan_reference(
+        x, dt, A, B, C, D, initial_state=init, seq_idx=seq))
+    for name, g, gr in zip(("x", "dt", "A", "B", "C", "D", "init"), ours, ref):
+        assert torch.allclose(g, gr, atol=1e-4, rtol=1e-4), (name, (g - gr).abs().max())
+        assert gr.abs().max() > 0, name
+
+
+def test_chunked_scan_with_underflowing_decays_matches_reference():
+    """Heads whose decay underflows fp32 within a chunk (dt A down to -40 per step): the flushed
+    decays (< 1e-26, set to 0 to keep subnormals out) change nothing visible, forward or grads."""
+    x, dt, A, B, C, D = scan_inputs(1, 40, 4, 8, 2, 16, seed=12)
+    A = torch.tensor([-40.0, -8.0, -1.0, -0.01])  # decays from e^-40 to ~1 per unit dt
+    dt = dt * 2
+    inputs = [t.clone().requires_grad_() for t in (x, dt, A, B, C, D)]
+    y, s = ssd_scan_chunked(*inputs[:5], 16, inputs[5])
+    y_r, s_r = ssd_scan_reference(*inputs[:5], inputs[5])
+    assert (y - y_r).abs().max() <= 1e-5 and (s - s_r).abs().max() <= 1e-5
+    grads = torch.autograd.grad(y.sum() + s.sum(), inputs)
+    ref_grads = torch.autograd.grad(y_r.sum() + s_r.sum(), inputs)
+    for g, gr in zip(grads, ref_grads):
+        assert torch.allclose(g, gr, atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------
 # Mixer math
 # ------------------------------------------------------------------------------------------------
@@ -338,6 +403,23 @@ def test_bad_mixer_configuration_is_rejected(tp1, cfg, tp, chunk, message):
     pg = SimpleNamespace(tp=_FakeTP(tp))
     with pytest.raises(ValueError, match=message):
         make_mixer(make_config(**cfg), chunk_size=chunk, pg_collection=pg)
+
+
+def test_mamba_chunk_size_flag_reaches_the_mixer(tp1):
+    """MambaLayer builds the mixer without `chunk_size`: it must come from --mamba-chunk-size
+    (via the model builder's TransformerConfig), not a built-in default."""
+    from megatron_rlp.config import config_from_dict
+    from megatron_rlp.models.hybrid import transformer_config
+
+    cfg = config_from_dict(dict(num_layers=2, hybrid_override_pattern="M-", hidden_size=D_MODEL,
+                                ffn_hidden_size=64, num_attention_heads=4, mamba_num_heads=4,
+                                mamba_head_dim=8, mamba_num_groups=2, mamba_state_dim=8,
+                                mamba_chunk_size=32))
+    m = Mamba2Mixer(transformer_config(cfg),
+                    Mamba2MixerSubmodules(ColumnParallelLinear, RowParallelLinear),
+                    d_model=D_MODEL, layer_number=1)
+    assert m.chunk_size == 32
+    assert make_mixer(chunk_size=8).chunk_size == 8  # an explicit argument still wins
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,12 +6,12 @@ n state_dim).
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from megatron.core.transformer.utils import (
     ensure_metadata_has_dp_cp_group,
     make_sharded_tensors_for_checkpoint,
@@ -85,18 +85,147 @@ def ssd_scan_reference(
     return y.to(x.dtype), state
 
 
-def segsum(a: torch.Tensor) -> torch.Tensor:
-    """Stable segment sum: ``out[..., i, j] = sum_{k=j+1..i} a[..., k]`` for i >= j, -inf above.
+# Decays below 1e-26 are flushed to exactly 0 (exponents are clamped at -60 first, and
+# exp(-60) ~ 8.8e-27 falls under the threshold). That is 19 orders below what an fp32 output can
+# resolve next to the unit decay on the diagonal, and it keeps subnormal floats out of the scan:
+# on x86 CPUs exp with a subnormal, zero or -inf result, and products and matmuls that create
+# subnormals, take slow paths (measured 3-100x per element, torch 2.13 AVX2), while exact zeros
+# are fast. Long chunks decay that far in most heads.
+_FLUSH_DECAY = 1e-26
+_MIN_LOG_DECAY = -60.0
 
-    Computed by a masked cumsum rather than ``cumsum[i] - cumsum[j]`` so no large partial sums
-    cancel (ssd_minimal's ``segsum``).
+
+def _decay(log_decay: torch.Tensor) -> torch.Tensor:
+    """``exp(log_decay)`` for log-decays (sums of dt A <= 0), flushed to 0 below 1e-26."""
+    return F.threshold_(log_decay.clamp(min=_MIN_LOG_DECAY).exp_(), _FLUSH_DECAY, 0.0)
+
+
+def _intra_chunk_decay(cum: torch.Tensor, keep: Optional[torch.Tensor],
+                       dtype: torch.dtype) -> torch.Tensor:
+    """``exp(cum_l - cum_s)`` for ``s <= l`` (and ``keep[l, s]``), else 0: ``cum [..., T]`` (fp64)
+    -> ``[..., T, T]``.
+
+    The exponent is a difference of two within-chunk cumulative sums, as in mamba_ssm's Triton
+    kernels (``exp(dA_cs_m - dA_cs_k)`` in ``ssd_chunk_scan.py``): one pass instead of ssd_minimal's
+    ``segsum`` (a masked cumsum over a [T, T] tensor, whose backward of flip, cumsum, flip per head
+    and chunk dominated the CPU training step). ``cum`` is fp64 so the subtraction does not cancel:
+    in fp32, positions deep in a fast-decaying chunk (|cum| ~ 100) lose ~1e-5 of their decay, which
+    the tests would see. The upper triangle (positive exponents) is clamped to 0 before exp, so it
+    cannot overflow, and zeroed after; small decays are flushed to 0 as in `_decay`.
     """
-    T = a.size(-1)
-    a = a[..., None].expand(*a.shape, T)  # [..., k, j] = a_k
-    strictly_lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)
-    s = a.masked_fill(~strictly_lower, 0.0).cumsum(dim=-2)
-    lower = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=0)
-    return s.masked_fill(~lower, -math.inf)
+    E = (cum[..., :, None] - cum[..., None, :]).to(dtype)
+    Ld = F.threshold_(E.clamp_(min=_MIN_LOG_DECAY, max=0.0).exp_(), _FLUSH_DECAY, 0.0).tril_()
+    return Ld if keep is None else Ld.mul_(keep)
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """Steps 1-4 of `ssd_scan_chunked` on chunked, head-major tensors, with a hand-written backward.
+
+    Shapes (head i = group gi, head kk of the group; every tensor contiguous):
+      X [b,g,k,c,T,p] inputs already scaled by dt;  a [b,g,k,c,T] log-decay dt A per step;
+      B, C [b,g,c,T,n];  init [b,g,k,p,n] or None (zeros);
+      keep None or [b,1,1,c,T,T] (0/1 floats: same document);
+      end_mask, start_mask [b,1,1,c,T] and gate [b,1,1,c] (0/1 floats), all None without documents.
+    Returns Y [b,g,k,c,T,p] (without the D skip) and the final state [b,g,k,p,n].
+
+    With cum = cumsum(a) within each chunk, per head and chunk (l, s positions; matrices [rows, cols]):
+      (1) Ld[l,s] = exp(cum_l - cum_s) [s<=l] keep[l,s];  G = C B^T (per group);  Y  = (G o Ld) X
+      (2) w_end[s] = exp(cum_{T-1} - cum_s) end_mask[s];               S_loc = (w_end X)^T B
+      (3) S_0 = init;  S_{c+1} = exp(cum_{c,T-1}) gate_c S_c + S_loc,c       (S_c enters chunk c)
+      (4) w_start[l] = exp(cum_l) start_mask[l];                     Y += w_start (C S_c^T)
+    Backward applies the chain rule to (4), (3) in reverse chunk order, (2), (1); each exponent's
+    gradient is (d factor) o factor, and d cum becomes d a by a suffix sum (one cumsum, one
+    subtraction, on [.., T] only). Autograd through ssd_minimal's algebra materialised, flipped
+    and cumsum'ed [T, T] tensors several times per step; this touches each [T, T] tensor a few
+    times and keeps Ld and G as its only saved [T, T] tensors.
+    `tests/test_mamba2.py` holds it to autograd through `ssd_scan_reference` and to gradcheck.
+    """
+
+    @staticmethod
+    def forward(ctx, X, a, B, C, init, keep, end_mask, start_mask, gate):
+        b, g, k, nc, T, p = X.shape
+        n = B.shape[-1]
+        Bh, Ch = B[:, :, None], C[:, :, None]  # broadcast over the k heads of a group
+        cum64 = a.to(torch.float64).cumsum(dim=-1)  # fp64: differences below must not cancel
+        cum = cum64.to(a.dtype)
+
+        # (1) intra-chunk, quadratic form
+        Ld = _intra_chunk_decay(cum64, keep, a.dtype)  # [b,g,k,c,T,T]
+        G = C @ B.transpose(-1, -2)  # [b,g,c,T,T]
+        Y = (Ld * G[:, :, None]) @ X
+
+        # (2) what each chunk adds to the state at its end
+        w_end = _decay((cum64[..., -1:] - cum64).to(a.dtype))
+        if end_mask is not None:
+            w_end = w_end * end_mask
+        S_loc = (X * w_end[..., None]).transpose(-1, -2) @ Bh  # [b,g,k,c,p,n]
+
+        # (3) state entering each chunk: a short sequential recurrence over chunks, each step
+        #     decayed by its own chunk's total (no long prefix sums to cancel)
+        decay = _decay(cum[..., -1])  # [b,g,k,c]
+        if gate is not None:
+            decay = decay * gate
+        state = X.new_zeros(b, g, k, p, n) if init is None else init
+        entering = []
+        for ci in range(nc):
+            entering.append(state)
+            state = decay[..., ci, None, None] * state + S_loc[..., ci, :, :]
+        S_in = torch.stack(entering, dim=3)  # [b,g,k,c,p,n]
+
+        # (4) each position reads the state entering its chunk
+        w_start = _decay(cum)
+        if start_mask is not None:
+            w_start = w_start * start_mask
+        Q = Ch @ S_in.transpose(-1, -2)  # [b,g,k,c,T,p]
+        Y.addcmul_(Q, w_start[..., None])
+
+        ctx.save_for_backward(X, B, C, Ld, G, S_in, Q, decay, w_end, w_start)
+        return Y, state
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dY, d_final):
+        X, B, C, Ld, G, S_in, Q, decay, w_end, w_start = ctx.saved_tensors
+        nc = X.shape[3]
+        Bh, Ch = B[:, :, None], C[:, :, None]
+        dY = dY.contiguous()
+
+        # (4) Y += w_start (C S_in^T)
+        dQ = dY * w_start[..., None]
+        d_cum = (dY * Q).sum(dim=-1) * w_start
+        dS_in = dQ.transpose(-1, -2) @ Ch  # [b,g,k,c,p,n]
+        dC = (dQ @ S_in).sum(dim=2)  # [b,g,c,T,n]
+
+        # (3) reverse recurrence; d_next[c] is the gradient of the state leaving chunk c
+        carry, d_next = d_final, [None] * nc
+        for ci in reversed(range(nc)):
+            d_next[ci] = carry
+            carry = decay[..., ci, None, None] * carry + dS_in[..., ci, :, :]
+        d_init = carry if ctx.needs_input_grad[4] else None
+        d_next = torch.stack(d_next, dim=3)  # [b,g,k,c,p,n] = d S_loc
+        d_log_decay = (d_next * S_in).sum(dim=(-1, -2)) * decay  # [b,g,k,c]
+
+        # (2) S_loc = (w_end X)^T B
+        dXw = Bh @ d_next.transpose(-1, -2)  # [b,g,k,c,T,p]
+        dB = ((X * w_end[..., None]) @ d_next).sum(dim=2)
+        dX = dXw * w_end[..., None]
+        d_log_w_end = (dXw * X).sum(dim=-1) * w_end  # exponent cum_{T-1} - cum_s
+        d_cum -= d_log_w_end
+        d_cum[..., -1] += d_log_w_end.sum(dim=-1) + d_log_decay
+
+        # (1) Y = (G o Ld) X
+        M = Ld * G[:, :, None]
+        dM = dY @ X.transpose(-1, -2)  # [b,g,k,c,T,T]
+        dX += M.transpose(-1, -2) @ dY
+        dG = (dM * Ld).sum(dim=2)
+        dC += dG @ B
+        dB += dG.transpose(-1, -2) @ C
+        dE = dM.mul_(M)  # exponent cum_l - cum_s (zero where masked, as M is)
+        d_cum += dE.sum(dim=-1) - dE.sum(dim=-2)
+
+        # cum = cumsum(a) => da_t = sum_{s >= t} d cum_s
+        da = d_cum.sum(dim=-1, keepdim=True) - d_cum.cumsum(dim=-1) + d_cum
+        return dX, da, dB, dC, d_init, None, None, None, None
 
 
 def ssd_scan_chunked(
@@ -106,10 +235,11 @@ def ssd_scan_chunked(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunked state-passing SSD scan (Mamba2 paper, Listing 1 "ssd_minimal"), fp32 math.
 
-    1. intra-chunk outputs: quadratic (attention-like) form with decay mask exp(segsum);
+    1. intra-chunk outputs: quadratic (attention-like) form with decay mask exp(cum_l - cum_s);
     2. per-chunk states: what each chunk's inputs add to the state at the chunk's end;
-    3. inter-chunk recurrence: states passed across chunks (small c x c decay matrix);
+    3. inter-chunk recurrence: states passed across chunk boundaries, one chunk at a time;
     4. state-to-output: each position reads the state entering its chunk.
+    Steps 1-4 run in `_ChunkedScan` (hand-written backward); the reshapes around it are autograd.
     ``l`` not divisible by ``chunk_size`` is padded with dt = 0, which leaves the state unchanged
     (decay exp(0) = 1, input dt x = 0), so the returned final state is the one at position l.
 
@@ -124,14 +254,24 @@ def ssd_scan_chunked(
     out_dtype, ct = x.dtype, _compute_dtype(x)
     x, dt, A, B, C = (t.to(ct) for t in (x, dt, A, B, C))
     pad = (-L) % T
+    c = (L + pad) // T
+
+    # Head-major, chunked, contiguous (one copy of x, B, C each): the matmuls in _ChunkedScan
+    # then batch over (b, g, k, c) with no further copies but B, C broadcast over the k heads of
+    # their group. Head i is (group i // k, member i % k).
+    X = (x * dt[..., None]).transpose(1, 2)  # [b,h,l,p]
+    a = (dt * A).transpose(1, 2)  # [b,h,l]
+    Bt, Ct = B.transpose(1, 2), C.transpose(1, 2)  # [b,g,l,n]
     if pad:
-        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    c = x.shape[1] // T
-    X = (x * dt[..., None]).reshape(b, c, T, g, k, p)  # inputs already scaled by dt
-    Bc = B.reshape(b, c, T, g, n)
-    Cc = C.reshape(b, c, T, g, n)
-    a = (dt * A).reshape(b, c, T, h).permute(0, 3, 1, 2)  # [b,h,c,T] log-decay per step
-    a_cum = a.cumsum(dim=-1)
+        X, Bt, Ct = (F.pad(t, (0, 0, 0, pad)) for t in (X, Bt, Ct))
+        a = F.pad(a, (0, pad))
+    X = X.contiguous().view(b, g, k, c, T, p)
+    a = a.contiguous().view(b, g, k, c, T)
+    Bt = Bt.contiguous().view(b, g, c, T, n)
+    Ct = Ct.contiguous().view(b, g, c, T, n)
+    init = None if initial_state is None else initial_state.to(ct).reshape(b, g, k, p, n)
+
+    keep = end_mask = start_mask = gate = None
     if seq_idx is not None:
         seq = seq_idx.to(torch.long)
         if pad:
@@ -139,41 +279,16 @@ def ssd_scan_chunked(
         seq = seq.reshape(b, c, T)
         doc_end = seq[:, :, -1]  # [b,c] document at each chunk's end
         doc_in = torch.cat([seq[:, :1, 0], doc_end], dim=1)  # [b,c+1] initial state, chunk ends
+        keep = (seq[:, :, :, None] == seq[:, :, None, :]).to(ct).view(b, 1, 1, c, T, T)
+        end_mask = (seq == doc_end[..., None]).to(ct).view(b, 1, 1, c, T)
+        start_mask = (seq == doc_in[:, :-1, None]).to(ct).view(b, 1, 1, c, T)
+        gate = (doc_in[:, 1:] == doc_in[:, :-1]).to(ct).view(b, 1, 1, c)
 
-    # 1. intra-chunk (diagonal blocks): y_l = sum_{s<=l} (C_l . B_s) exp(a_{s+1..l}) X_s
-    decay = torch.exp(segsum(a)).permute(0, 2, 1, 3, 4).reshape(b, c, g, k, T, T)  # [.., l, s]
-    CB = torch.einsum("bclgn,bcsgn->bcgls", Cc, Bc)
-    if seq_idx is not None:
-        decay = decay * (seq[:, :, :, None] == seq[:, :, None, :])[:, :, None, None]
-    scores = CB[:, :, :, None] * decay  # [b,c,g,k,l,s]
-    y_diag = torch.einsum("bcgkls,bcsgkp->bclgkp", scores, X)
-
-    # 2. chunk states: S_c = sum_s exp(a_{s+1..T}) X_s B_s^T
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum).permute(0, 2, 3, 1)  # [b,c,T,h]
-    if seq_idx is not None:
-        decay_to_end = decay_to_end * (seq == doc_end[..., None])[..., None]
-    Xd = X * decay_to_end.reshape(b, c, T, g, k, 1)
-    states = torch.einsum("bcsgkp,bcsgn->bcgkpn", Xd, Bc).reshape(b, c, h, p, n)
-
-    # 3. inter-chunk recurrence over chunk boundaries (prepend the initial state as chunk "-1")
-    if initial_state is None:
-        initial_state = torch.zeros(b, h, p, n, dtype=ct, device=x.device)
-    states = torch.cat([initial_state.to(ct)[:, None], states], dim=1)  # [b,c+1,h,p,n]
-    chunk_decay = torch.exp(segsum(F.pad(a_cum[..., -1], (1, 0))))  # [b,h,c+1,c+1]
-    if seq_idx is not None:
-        chunk_decay = chunk_decay * (doc_in[:, None, :, None] == doc_in[:, None, None, :])
-    states = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
-    states, final_state = states[:, :-1], states[:, -1]  # state entering each chunk; final
-
-    # 4. off-diagonal contribution: y_l += exp(a_{1..l}) C_l . S_in
-    decay_from_start = torch.exp(a_cum).permute(0, 2, 3, 1).reshape(b, c, T, g, k, 1)
-    if seq_idx is not None:
-        decay_from_start = decay_from_start * (seq == doc_in[:, :-1, None]).reshape(b, c, T, 1, 1, 1)
-    y_off = torch.einsum("bclgn,bcgkpn->bclgkp", Cc, states.reshape(b, c, g, k, p, n))
-    y = (y_diag + y_off * decay_from_start).reshape(b, c * T, h, p)[:, :L]
+    Y, final_state = _ChunkedScan.apply(X, a, Bt, Ct, init, keep, end_mask, start_mask, gate)
+    y = Y.view(b, h, c * T, p)[:, :, :L].transpose(1, 2)  # [b,l,h,p]
     if D is not None:
-        y = y + x[:, :L] * D.to(ct)[:, None]
-    return y.to(out_dtype), final_state
+        y = y + x * D.to(ct)[:, None]
+    return y.to(out_dtype), final_state.reshape(b, h, p, n)
 
 
 # ----------------------------------------------------------------------------------------------
