@@ -5,12 +5,13 @@ Import is light: megatron-core (≈4 s to import) loads only when a model or tra
 __version__ = "0.1.0"
 
 
-def load_model(checkpoint_dir: str):
-    """A CPU `torch.nn.Module` in eval mode from a checkpoint of any TP/PP layout;
-    `model(input_ids)` returns fp32 logits `[batch, seq, vocab]`."""
+def load_model(checkpoint_dir: str, device=None):
+    """A `torch.nn.Module` in eval mode from a checkpoint of any TP/PP layout (native or Hugging
+    Face), on `device` (default: this process's GPU when CUDA is available, else the CPU);
+    `model(input_ids)` returns fp32 logits `[batch, seq, vocab]` on that device."""
     from megatron_rlp.inference.load import load_model as _load
 
-    return _load(checkpoint_dir)
+    return _load(checkpoint_dir, device=device)
 
 
 __all__ = ["load_model", "__version__"]

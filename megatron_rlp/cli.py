@@ -25,7 +25,9 @@ def run_main(prog: str, body: Callable[[], Optional[int]],
             print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
         return 2
     finally:
-        from megatron_rlp.training.distributed import destroy_distributed
-
-        destroy_distributed()
+        # Only a process that imported it can have a group to tear down; importing it now would
+        # load megatron-core (seconds, and warnings printed after the error line).
+        distributed = sys.modules.get("megatron_rlp.training.distributed")
+        if distributed is not None:
+            distributed.destroy_distributed()
     return 0 if status is None else status

@@ -104,6 +104,9 @@ class ParallelConfig:
         None, "Layers per virtual stage (interleaved 1F1B).")
     sequence_parallel: bool = arg(False, "Shard norms/dropout activations along the sequence.")
     use_distributed_optimizer: bool = arg(False, "Shard optimizer state over data-parallel ranks.")
+    overlap_grad_reduce: Optional[bool] = arg(
+        None, "Overlap the data-parallel gradient reduce with the backward pass in buckets "
+        "(default: on with CUDA, off on CPU).")
 
     def __post_init__(self):
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
@@ -153,6 +156,9 @@ class TrainingConfig:
     eval_interval: int = arg(0, "Evaluate on the validation split every N iterations (0: never).")
     eval_iters: int = arg(4, "Micro-batches per evaluation.")
     exit_signal_handler: bool = arg(True, "On SIGTERM, save a checkpoint and exit cleanly.")
+    loss_spike_factor: Optional[float] = arg(
+        None, "Stop (without saving) when an iteration's loss exceeds this factor times the mean "
+        "of the previous iterations' losses (off by default: a finite jump can be legitimate).")
     stage: str = arg("pretrain", "What to train: next-token pretraining or an RLP stage.",
                      choices=("pretrain", "rlp"))
 
@@ -169,6 +175,9 @@ class TrainingConfig:
         return gbs
 
     def __post_init__(self):
+        if self.loss_spike_factor is not None and not self.loss_spike_factor > 1:
+            _fail("loss_spike_factor", self.loss_spike_factor, "must be > 1",
+                  "pass e.g. 3 (stop at 3x the running mean loss) or drop the flag")
         for name in ("micro_batch_size", "seq_length", "train_iters", "log_interval"):
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be >= 1", "pass a positive integer")
@@ -194,7 +203,21 @@ class CheckpointConfig:
     no_load_optim: bool = arg(False, "Load weights only (start a new optimizer).")
     no_load_rng: bool = arg(False, "Do not restore RNG states.")
     finetune: bool = arg(False, "Load weights only and reset iteration to 0 (new stage).")
+    ckpt_step: Optional[int] = arg(
+        None, "Load this iteration of --load instead of the one 'latest' names (e.g. the "
+        "newest intact one when the latest is damaged).")
+    no_ckpt_verify: bool = arg(
+        False, "On load, check only file names and sizes against manifest.json, not SHA-256 "
+        "sums (saves reading every byte of a huge checkpoint; misses bit flips).")
     dry_run: bool = arg(False, "Build on the meta device, print sizes and memory, exit.")
+
+    def __post_init__(self):
+        if self.ckpt_step is not None and self.ckpt_step < 0:
+            _fail("ckpt_step", self.ckpt_step, "must be an iteration number (>= 0)",
+                  "pass an iteration that was saved")
+        if self.ckpt_step is not None and not self.load:
+            _fail("ckpt_step", self.ckpt_step, "names an iteration of --load, which is not set",
+                  "add --load DIR")
 
 
 SECTIONS = {
@@ -298,7 +321,11 @@ def build_parser(prog: str = "megatron-rlp-train") -> argparse.ArgumentParser:
             kind = _base_type(hints[f.name])
             help_text = f.metadata.get("help", "")
             choices = f.metadata.get("choices")
-            if kind is bool:
+            if kind is bool and f.name.startswith("no_"):
+                # Megatron-LM's negative switches (--no-load-optim): argparse's
+                # BooleanOptionalAction reads any "--no-" option as "set False".
+                group.add_argument(_flag(f.name), action="store_true", help=help_text)
+            elif kind is bool:
                 group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction,
                                    help=help_text)
             elif kind is list or get_origin(kind) is list:

@@ -67,6 +67,7 @@ class Run:
     optimizer: object
     scheduler: object
     trainer: object
+    lock: object = None  # the --save directory's RunLock (rank 0), released when the run ends
 
 
 def resolve_data(cfg: RunConfig, tokenizer):
@@ -102,37 +103,60 @@ def build_data_source(cfg: RunConfig, tokenizer, data_path: list, num_samples: i
 
 
 def build_model_chunks(cfg: RunConfig, vocab_size: int) -> list:
-    """This rank's model chunk: its pipeline stage (interleaved stages are rejected earlier)."""
+    """This rank's model chunk, on this rank's device: its pipeline stage (interleaved stages are
+    rejected earlier)."""
     from megatron.core import parallel_state
 
     from megatron_rlp.models.hybrid import build_model
 
+    from megatron_rlp.device import compute_device
+
     spec = None
     for hook in MODEL_SPEC_HOOKS:
         spec = hook(cfg) or spec
-    return [build_model(cfg, vocab_size,
+    chunk = build_model(cfg, vocab_size,
                         pre_process=parallel_state.is_pipeline_first_stage(),
                         post_process=parallel_state.is_pipeline_last_stage(),
-                        stack_spec=spec)]
+                        stack_spec=spec)
+    # Initialised on the CPU (identical weights for every layout), then placed once, before the
+    # DDP wrapper allocates its grad buffers on the current device (Megatron-LM's get_model).
+    return [chunk.to(compute_device())]
 
 
 def build_run(cfg: RunConfig) -> Run:
-    """Everything a training process needs, built in dependency order."""
+    """Everything a training process needs, built in dependency order; the --save directory is
+    locked for this run from here on (released by `run_training`, or now if building fails)."""
     from megatron_rlp.data.tokenizer import build_tokenizer
     from megatron_rlp.training.distributed import init_distributed
-    from megatron_rlp.training.optim import build_optimizer, build_scheduler, wrap_model
-    from megatron_rlp.training.trainer import PretrainStage, Trainer
+    from megatron_rlp.training.run_lock import lock_save_dir
 
     check_save_dir(cfg.checkpoint.save)
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
     init_distributed(cfg.parallel, cfg.training.seed)
-    data_path, valid_path = resolve_data(cfg, tokenizer)
+    lock = lock_save_dir(cfg.checkpoint.save)
+    try:
+        if lock is not None:  # rank 0 holds the lock: leftovers are a dead run's, not a live one's
+            from megatron_rlp.training.save_dir import recover_interrupted_saves
 
+            for note in recover_interrupted_saves(cfg.checkpoint.save):
+                print(f"note: {note}", flush=True)
+        return _assemble_run(cfg, tokenizer, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _assemble_run(cfg: RunConfig, tokenizer, lock) -> Run:
+    from megatron.core import parallel_state
+
+    from megatron_rlp.training.optim import build_optimizer, build_scheduler, wrap_model
+    from megatron_rlp.training.trainer import PretrainStage, Trainer
+
+    data_path, valid_path = resolve_data(cfg, tokenizer)
     model = wrap_model(cfg, build_model_chunks(cfg, tokenizer.vocab_size))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer)
-
-    from megatron.core import parallel_state
 
     gbs = cfg.training.global_batch(parallel_state.get_data_parallel_world_size())
     train_source = build_data_source(cfg, tokenizer, data_path, cfg.training.train_iters * gbs)
@@ -154,46 +178,66 @@ def build_run(cfg: RunConfig) -> Run:
     if hasattr(stage, "callbacks"):
         callbacks.extend(stage.callbacks())
     trainer = Trainer(cfg, model, optimizer, scheduler, stage, callbacks, valid_source=valid_stage)
-    return Run(cfg, tokenizer, model, optimizer, scheduler, trainer)
+    return Run(cfg, tokenizer, model, optimizer, scheduler, trainer, lock)
 
 
 def load_for_run(run: Run) -> None:
-    """Apply --load: resume the same stage, or start a new stage from a checkpoint's weights."""
+    """Apply --load: resume the same stage, or start a new stage from a checkpoint's weights.
+    The checkpoint (`latest`'s, or --ckpt-step's) is checked against its manifest before anything
+    in it is read."""
     from megatron_rlp.training import checkpoint as ckpt
 
     c = run.cfg.checkpoint
     if not c.load:
         return
-    latest = ckpt.read_latest_iteration(c.load) if os.path.isdir(c.load) else None
-    if latest is None:
+    # Checked before the checkpoint is read or metrics.jsonl opened: a fine-tuning run counts from
+    # iteration 0, so into a --save that holds checkpoints it would truncate metrics.jsonl,
+    # overwrite iter_* and move `latest` backwards (seen with --load == --save: 12 back to 2).
+    if c.finetune and c.save and os.path.exists(os.path.join(c.save, ckpt.LATEST_FILE)):
+        raise ValueError(f"--finetune with --save {c.save!r}, which already holds checkpoints "
+                         "('latest'): a fine-tuning run starts at iteration 0 and would overwrite "
+                         "them; choose an empty --save, or to resume this fine-tuning run drop "
+                         f"--finetune and pass --load {c.save}")
+    wanted = c.ckpt_step is not None or os.path.isdir(c.load)
+    iteration = ckpt.resolve_iteration(c.load, c.ckpt_step) if wanted else None
+    if iteration is None:
         if c.load == c.save:  # Megatron convention: --load == --save auto-resumes if possible
             return
         raise ValueError(f"--load {c.load!r} has no checkpoint ('latest' missing); "
                          "check the path")
-    common_stage = _saved_stage(c.load, latest)
+    verified = ckpt.verify_checkpoint(c.load, iteration, hashes=not c.no_ckpt_verify)
+    ckpt_dir = ckpt.checkpoint_dir(c.load, iteration)
+    with ckpt.load_errors(ckpt_dir):
+        common_stage = _saved_stage(c.load, iteration)
     new_stage = c.finetune or common_stage != run.cfg.training.stage
     run.trainer.resume(c.load, finetune=new_stage, load_optim=not c.no_load_optim,
-                       load_rng=not c.no_load_rng)
+                       load_rng=not c.no_load_rng, iteration=iteration, verify=False)
     from megatron_rlp.training.trainer import is_logging_rank
 
     if is_logging_rank():
+        if not verified:
+            print(f"note: {ckpt_dir} has no manifest.json (saved before integrity manifests): "
+                  "loaded without verification", flush=True)
         how = "weights for a new stage" if new_stage else f"resuming at {run.trainer.iteration}"
-        print(f"loaded {ckpt.checkpoint_dir(c.load, latest)} ({how})", flush=True)
+        print(f"loaded {ckpt_dir} ({how})", flush=True)
 
 
 def _saved_stage(load: str, iteration: int) -> str:
-    from megatron.core import dist_checkpointing
-
+    from megatron_rlp.training import safe_load
     from megatron_rlp.training.checkpoint import checkpoint_dir
 
-    common = dist_checkpointing.load_common_state_dict(checkpoint_dir(load, iteration))
+    common = safe_load.load_common_state_dict(checkpoint_dir(load, iteration))
     return common["training"].get("stage", "pretrain")
 
 
 def run_training(cfg: RunConfig) -> dict:
     run = build_run(cfg)
-    load_for_run(run)
-    summary = run.trainer.train()
+    try:
+        load_for_run(run)
+        summary = run.trainer.train()
+    finally:
+        if run.lock is not None:
+            run.lock.release()
     from megatron_rlp.training.trainer import is_logging_rank
 
     if is_logging_rank():

@@ -70,3 +70,20 @@ def test_global_batch_defaults_to_one_micro_batch_per_rank_and_must_split_evenly
     with pytest.raises(ValueError, match="--global-batch-size=20 is not a multiple of "
                                          "--micro-batch-size x data-parallel size = 4 x 2"):
         config_from_dict({"micro_batch_size": 4, "global_batch_size": 20}).training.global_batch(2)
+
+
+def test_negative_megatron_switches_parse_true_from_the_command_line():
+    from megatron_rlp.config import parse_args
+
+    cfg = parse_args(["--no-load-optim", "--no-load-rng"])
+    assert cfg.checkpoint.no_load_optim is True and cfg.checkpoint.no_load_rng is True
+    default = parse_args([])
+    assert default.checkpoint.no_load_optim is False and default.checkpoint.no_load_rng is False
+
+
+def test_overlap_grad_reduce_is_auto_unless_given():
+    from megatron_rlp.config import parse_args
+
+    assert parse_args([]).parallel.overlap_grad_reduce is None  # on with CUDA, off on CPU
+    assert parse_args(["--overlap-grad-reduce"]).parallel.overlap_grad_reduce is True
+    assert parse_args(["--no-overlap-grad-reduce"]).parallel.overlap_grad_reduce is False

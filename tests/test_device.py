@@ -53,3 +53,38 @@ def test_inverse_cdf_sampling_follows_the_distribution_and_skips_cut_tokens():
     assert torch.allclose(counts, probs[0], atol=0.015)
     again = sample_inverse_cdf(probs[:8], torch.Generator().manual_seed(0))
     assert torch.equal(again, tokens[:8])  # seeded: the same draws
+
+
+@pytest.fixture
+def world_of_one():
+    from megatron_rlp.config import ParallelConfig
+    from megatron_rlp.training.distributed import destroy_distributed, init_distributed
+
+    init_distributed(ParallelConfig(), seed=3)
+    yield
+    destroy_distributed()
+
+
+TINY = dict(num_layers=4, hybrid_override_pattern="M*M-", hidden_size=32, ffn_hidden_size=64,
+            num_attention_heads=4, num_query_groups=2, mamba_num_heads=4, mamba_head_dim=8,
+            mamba_state_dim=8, mamba_num_groups=2, mamba_chunk_size=8, seq_length=16)
+
+
+def test_training_chunks_are_placed_on_the_compute_device(world_of_one, monkeypatch):
+    """The meta device stands in for this rank's GPU: every parameter and buffer must follow."""
+    from megatron_rlp.config import config_from_dict
+    from megatron_rlp.train import build_model_chunks
+
+    monkeypatch.setattr(device, "compute_device", lambda: torch.device("meta"))
+    (chunk,) = build_model_chunks(config_from_dict(TINY), vocab_size=100)
+    assert {t.device.type for t in list(chunk.parameters()) + list(chunk.buffers())} == {"meta"}
+
+
+def test_loaded_models_are_built_on_the_device_asked_for(world_of_one):
+    from megatron_rlp.config import config_from_dict
+    from megatron_rlp.inference.load import build_single_process_model
+
+    model, _ = build_single_process_model(config_from_dict(TINY), device="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    model, _ = build_single_process_model(config_from_dict(TINY))  # default: compute_device()
+    assert {p.device.type for p in model.parameters()} == {"cpu"}

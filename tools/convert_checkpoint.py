@@ -28,8 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     direction.add_argument("--from-hf", action="store_true", help="HF dir -> megatron-rlp checkpoint")
     parser.add_argument("--load", required=True, help="source: checkpoint root (with `latest`) or HF dir")
     parser.add_argument("--save", required=True, help="destination directory")
-    parser.add_argument("--iteration", type=int, default=None,
-                        help="--to-hf: export this iteration instead of `latest`")
+    parser.add_argument("--iteration", "--ckpt-step", dest="iteration", type=int, default=None,
+                        help="--to-hf: export this iteration instead of `latest` (--ckpt-step is "
+                        "train's name, which load errors suggest)")
     parser.add_argument("--max-shard-size", default="2GB",
                         help="--to-hf: split model.safetensors above this size (e.g. 2GB, 500MB)")
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trim-vocab", action="store_true",
                         help="--to-hf: cut megatron's padded vocab rows down to the tokenizer's size")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a model already in --save")
+                        help="replace a model already in --save (--to-hf: the whole directory, "
+                        "swapped in once the new export is complete)")
     return parser
 
 

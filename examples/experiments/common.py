@@ -172,7 +172,7 @@ def eval_tokens(checkpoint: str, texts: Iterable[str], seq_length: int,
                     break
                 x = torch.tensor([chunk[:-1]])
                 y = torch.tensor(chunk[1:])
-                logits = model(x)[0]
+                logits = model(x)[0].cpu()  # model(...) runs on its own device (GPU if any)
                 nll = torch.nn.functional.cross_entropy(logits, y, reduction="none")
                 hit = (logits.argmax(-1) == y).float()
                 for j in range(len(y)):

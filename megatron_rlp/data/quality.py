@@ -137,7 +137,7 @@ def perplexities(model, token_lists: Sequence[Sequence[int]], max_tokens: int,
                 toks = list(token_lists[i])[:max_tokens]
                 ids[r, :len(toks)] = torch.tensor(toks, dtype=torch.long)
                 mask[r, :len(toks) - 1] = 1.0
-            logits = model(ids).float()
+            logits = model(ids).float().cpu()  # the model may run on a GPU; scoring is host-side
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                 reduction="none").view(len(idx), -1)

@@ -16,9 +16,18 @@ the embedding and head to the tokenizer's size instead (what you want for servin
 Written files: config.json, generation_config.json, model.safetensors (or model-0000i-of-0000N +
 model.safetensors.index.json), tokenizer.json, tokenizer_config.json, special_tokens_map.json, and
 megatron_rlp.json (our run config, so `--from-hf` restores the exact training config).
+
+Overwrites are build-aside-then-swap: everything is written to a hidden sibling directory
+(`.NAME.export-PID.tmp`), and only a complete export replaces `save` (old directory renamed aside,
+new one renamed in, old one deleted). A failed or killed export therefore leaves the previous
+model untouched (a killed one also leaves its `.tmp` sibling, safe to delete), and `--overwrite`
+replaces the whole directory, so no file of the old model (a stale `pytorch_model.bin`, an old
+shard) survives. A directory holding a training checkpoint (`latest`, `iter_*`) is never an export
+target: `load_model(dir)` would silently start returning the export instead.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -49,18 +58,61 @@ def parse_size(text) -> int:
     return int(number * base ** "_KMGT".index(unit or "_"))
 
 
-def prepare_output_dir(save: str, overwrite: bool) -> None:
-    """Create `save`; refuse to mix with an existing model unless `overwrite`."""
+def _is_model_file(name: str) -> bool:
+    return (name in HF_FILES or name.endswith(".safetensors")
+            or re.fullmatch(r"pytorch_model.*\.bin(\.index\.json)?", name) is not None)
+
+
+def check_output_dir(save: str, overwrite: bool) -> None:
+    """Refuse, before any work, a `save` the export must not replace (see the module doc)."""
     if os.path.exists(save) and not os.path.isdir(save):
         raise ValueError(f"--save {save!r} exists and is not a directory")
-    os.makedirs(save, exist_ok=True)
-    existing = [f for f in os.listdir(save)
-                if f in HF_FILES or re.fullmatch(r"model-\d+-of-\d+\.safetensors", f)]
-    if existing and not overwrite:
-        raise ValueError(f"--save {save!r} already holds a model ({existing[0]}); pass "
+    if not os.path.isdir(save):
+        return
+    names = sorted(os.listdir(save))
+    training = [n for n in names if n == "latest" or re.fullmatch(r"iter_\d+(\.tmp)?", n)]
+    if training:
+        raise ValueError(f"--save {save!r} holds a training checkpoint ({training[0]}); an HF "
+                         "export there would change what load_model() reads from it: choose "
+                         "another directory")
+    if not names:
+        return
+    models = [n for n in names if _is_model_file(n)]
+    if models and not overwrite:
+        raise ValueError(f"--save {save!r} already holds a model ({models[0]}); pass "
                          "--overwrite or choose an empty directory")
-    for f in existing:
-        os.remove(os.path.join(save, f))
+    if not models:
+        raise ValueError(f"--save {save!r} is not empty and holds no model ({names[0]}, ...): an "
+                         "export replaces the whole directory; choose an empty or new one")
+
+
+@contextlib.contextmanager
+def staged_output_dir(save: str):
+    """Yield a fresh sibling directory to write the export into; on success it replaces `save`
+    (old one renamed aside, new one renamed in, old one deleted), on failure it is removed."""
+    final = os.path.realpath(save)  # a symlinked --save: replace what it points at
+    parent, name = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{name}.export-{os.getpid()}.tmp")
+    aside = os.path.join(parent, f".{name}.replaced-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)  # left by an earlier killed run with our pid
+    os.makedirs(staging)
+    try:
+        yield staging
+        had_old = os.path.isdir(final)
+        if had_old:
+            os.replace(final, aside)
+        try:
+            os.replace(staging, final)
+        except BaseException:
+            if had_old:  # put the old export back rather than leave no directory at all
+                os.replace(aside, final)
+            raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if had_old:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _write_json(save: str, name: str, obj) -> None:
@@ -104,12 +156,12 @@ def export_to_hf(load: str, save: str, *, max_shard_size="2GB", dtype: str = "au
                  iteration: Optional[int] = None, verbose: bool = True) -> dict:
     """Convert `load` (a megatron-rlp checkpoint root) into the HF directory `save`.
     Returns a report dict (tensors, bytes, shards, seconds)."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from megatron_rlp.data.tokenizer import build_tokenizer
     from megatron_rlp.inference.load import saved_run_config, single_process_config
     from megatron_rlp.training import checkpoint as ckpt
+    from megatron_rlp.training import safe_load
     from megatron_rlp.train import _import_extensions
     from megatron_rlp.training.distributed import init_distributed
 
@@ -120,6 +172,7 @@ def export_to_hf(load: str, save: str, *, max_shard_size="2GB", dtype: str = "au
     shard_bytes = parse_size(max_shard_size)
     if not os.path.isdir(load):
         raise ValueError(f"--load {load!r} is not a directory")
+    check_output_dir(save, overwrite)
     flat, iteration = saved_run_config(load, iteration)
     cfg = single_process_config(flat)
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
@@ -127,7 +180,7 @@ def export_to_hf(load: str, save: str, *, max_shard_size="2GB", dtype: str = "au
     init_distributed(cfg.parallel, cfg.training.seed)
 
     # Validate everything (names, shapes, config) before writing a byte.
-    metadata = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    metadata = safe_load.load_tensors_metadata(ckpt_dir)
     found = {k: tuple(v.global_shape) for k, v in metadata.items() if mapping.is_model_key(k)}
     if "embedding.word_embeddings.weight" not in found:
         raise mapping.ConversionError(f"{ckpt_dir}: no 'embedding.word_embeddings.weight'; not a "
@@ -163,50 +216,52 @@ def export_to_hf(load: str, save: str, *, max_shard_size="2GB", dtype: str = "au
     file_of = (["model.safetensors"] if num_shards == 1 else
                [f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors" for i in range(num_shards)])
 
-    prepare_output_dir(save, overwrite)
-    writer, current, index = None, None, 0  # index: next entry to write
-    total_bytes = 0
-    for unit in units:
-        keys = [k for g in unit for k in g.ours]
-        state = {k: ShardedTensor.from_rank_offsets(
-            k, torch.empty(metadata[k].global_shape, dtype=metadata[k].dtype), replica_id=0)
-            for k in keys}
-        loaded = dist_checkpointing.load(state, ckpt_dir)
-        for g in unit:
-            converted = g.to_hf([loaded.pop(k) for k in g.ours])
-            for name, tensor in zip(g.hf, converted):
-                shard = shard_of[index]
-                if shard != current:
-                    if writer is not None:
-                        writer.close()
-                    shard_entries = [e for e, s in zip(entries, shard_of) if s == shard]
-                    path = mapping.check_safe_filename(save, file_of[shard])
-                    writer, current = StreamingSafetensorsWriter(path, shard_entries), shard
-                if name in vocab_names:
-                    tensor = tensor[:hf_vocab]
-                tensor = tensor.to(entries[index][1])
-                writer.write(name, tensor)
-                total_bytes += tensor.numel() * tensor.element_size()
-                index += 1
-        del loaded, state
-    writer.close()
+    # Written aside and swapped in whole: a failure leaves any previous export untouched.
+    with staged_output_dir(save) as out:
+        writer, current, index = None, None, 0  # index: next entry to write
+        total_bytes = 0
+        for unit in units:
+            keys = [k for g in unit for k in g.ours]
+            state = {k: ShardedTensor.from_rank_offsets(
+                k, torch.empty(metadata[k].global_shape, dtype=metadata[k].dtype), replica_id=0)
+                for k in keys}
+            loaded = safe_load.load(state, ckpt_dir)
+            for g in unit:
+                converted = g.to_hf([loaded.pop(k) for k in g.ours])
+                for name, tensor in zip(g.hf, converted):
+                    shard = shard_of[index]
+                    if shard != current:
+                        if writer is not None:
+                            writer.close()
+                        shard_entries = [e for e, s in zip(entries, shard_of) if s == shard]
+                        path = mapping.check_safe_filename(out, file_of[shard])
+                        writer, current = StreamingSafetensorsWriter(path, shard_entries), shard
+                    if name in vocab_names:
+                        tensor = tensor[:hf_vocab]
+                    tensor = tensor.to(entries[index][1])
+                    writer.write(name, tensor)
+                    total_bytes += tensor.numel() * tensor.element_size()
+                    index += 1
+            del loaded, state
+        writer.close()
 
-    if num_shards > 1:
-        _write_json(save, "model.safetensors.index.json", {
-            "metadata": {"total_size": total_bytes},
-            "weight_map": {name: file_of[s] for (name, _, _), s in zip(entries, shard_of)}})
-    _write_json(save, "config.json", config)
-    _write_json(save, "generation_config.json", {
-        "_from_model_config": True, "eos_token_id": eod, "pad_token_id": pad,
-        "bos_token_id": None})
-    write_tokenizer_files(save, tokenizer, cfg.training.seq_length)
-    _write_json(save, mapping.SIDECAR_FILE, {
-        "source_checkpoint": os.path.abspath(ckpt_dir), "iteration": iteration,
-        "padded_vocab_rows": vocab_rows, "tokenizer_vocab_size": tokenizer.vocab_size,
-        "vocab_trimmed": bool(trim_vocab),
-        "note": ("vocab_size in config.json is megatron's padded size; ids >= "
-                 f"{tokenizer.vocab_size} are padding" if hf_vocab > tokenizer.vocab_size else ""),
-        "run_config": {k: v for k, v in flat.items() if k not in ("save", "load")}})
+        if num_shards > 1:
+            _write_json(out, "model.safetensors.index.json", {
+                "metadata": {"total_size": total_bytes},
+                "weight_map": {name: file_of[s] for (name, _, _), s in zip(entries, shard_of)}})
+        _write_json(out, "config.json", config)
+        _write_json(out, "generation_config.json", {
+            "_from_model_config": True, "eos_token_id": eod, "pad_token_id": pad,
+            "bos_token_id": None})
+        write_tokenizer_files(out, tokenizer, cfg.training.seq_length)
+        _write_json(out, mapping.SIDECAR_FILE, {
+            "source_checkpoint": os.path.abspath(ckpt_dir), "iteration": iteration,
+            "padded_vocab_rows": vocab_rows, "tokenizer_vocab_size": tokenizer.vocab_size,
+            "vocab_trimmed": bool(trim_vocab),
+            "note": ("vocab_size in config.json is megatron's padded size; ids >= "
+                     f"{tokenizer.vocab_size} are padding"
+                     if hf_vocab > tokenizer.vocab_size else ""),
+            "run_config": {k: v for k, v in flat.items() if k not in ("save", "load")}})
     report = {"tensors": len(entries), "bytes": total_bytes, "shards": num_shards,
               "vocab_size": hf_vocab, "seconds": time.perf_counter() - start, "save": save}
     if verbose:

@@ -203,14 +203,12 @@ def load_weights_into(model: torch.nn.Module, hf_dir: str, model_cfg, tokenizer_
 
 
 def build_model_from_hf(hf_dir: str, *, tokenizer_dir: Optional[str] = None,
-                        keep_precision: bool = False, verbose: bool = True):
-    """(model, cfg, flat run config, tokenizer) for an HF dir, built at TP=PP=1 in this process.
-    `keep_precision=False` builds an fp32 model (evaluation); True keeps the run's bf16 flag."""
+                        keep_precision: bool = False, verbose: bool = True, device=None):
+    """(model, cfg, flat run config, tokenizer) for an HF dir, built at TP=PP=1 in this process on
+    `device` (default: this process's GPU, else the CPU). `keep_precision=False` builds an fp32
+    model (evaluation); True keeps the run's bf16 flag."""
     from megatron_rlp.config import config_from_dict
-    from megatron_rlp.data.tokenizer import build_tokenizer
-    from megatron_rlp.inference.load import single_process_config
-    from megatron_rlp.models.hybrid import build_model
-    from megatron_rlp.training.distributed import init_distributed
+    from megatron_rlp.inference.load import build_single_process_model, single_process_config
 
     hf = read_json(hf_dir, "config.json")
     if hf is None:
@@ -219,20 +217,18 @@ def build_model_from_hf(hf_dir: str, *, tokenizer_dir: Optional[str] = None,
     cfg = single_process_config(flat)
     if keep_precision and flat.get("bf16"):
         cfg = config_from_dict({**cfg.to_flat_dict(), "bf16": True})
-    init_distributed(cfg.parallel, cfg.training.seed)
-    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-    model = build_model(cfg, tokenizer.vocab_size)
+    model, tokenizer = build_single_process_model(cfg, device)
     load_weights_into(model, hf_dir, cfg.model, tokenizer.vocab_size,
                       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                       verbose=verbose)
     return model.eval(), cfg, flat, tokenizer
 
 
-def load_hf_model(hf_dir: str):
+def load_hf_model(hf_dir: str, device=None):
     """`megatron_rlp.load_model(HF_DIR)`: our CausalLM wrapper over the imported weights."""
     from megatron_rlp.inference.load import CausalLM
 
-    model, cfg, _, tokenizer = build_model_from_hf(hf_dir, verbose=False)
+    model, cfg, _, tokenizer = build_model_from_hf(hf_dir, verbose=False, device=device)
     return CausalLM(model, tokenizer.vocab_size, cfg).eval()
 
 
@@ -252,7 +248,11 @@ def save_weights_checkpoint(model: torch.nn.Module, flat_config: dict, save: str
     state["training"] = {"iteration": iteration, "consumed_samples": 0, "stage": stage,
                          "config": dict(flat_config), "layout": [1, 1, 1],
                          "format_version": ckpt.FORMAT_VERSION}
-    dist_checkpointing.save(state, tmp_dir, validate_access_integrity=True)
+    # Written by threads, not forked writers + a spawn Manager that outlive a killed run.
+    from megatron_rlp.training.ckpt_writer import InProcessSaveStrategy
+
+    dist_checkpointing.save(state, tmp_dir, sharded_strategy=InProcessSaveStrategy(),
+                            validate_access_integrity=True)
     if os.path.exists(final_dir):
         shutil.rmtree(final_dir)
     os.replace(tmp_dir, final_dir)

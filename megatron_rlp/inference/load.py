@@ -1,4 +1,5 @@
-"""Load a checkpoint of any TP/PP layout into one CPU process for evaluation or generation.
+"""Load a checkpoint of any TP/PP layout into one process (on its GPU, else the CPU) for evaluation
+or generation.
 
 dist_checkpointing reshards on load, so we build the model at TP=PP=1 in a world of one and let
 megatron gather the shards. The checkpoint's run config (saved by the trainer) gives the shape.
@@ -6,17 +7,20 @@ megatron gather the shards. The checkpoint's run config (saved by the trainer) g
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
-from megatron.core import dist_checkpointing
 
 from megatron_rlp.config import config_from_dict
+from megatron_rlp.device import compute_device, model_device
 from megatron_rlp.training import checkpoint as ckpt
+from megatron_rlp.training import safe_load
 
 
 class CausalLM(torch.nn.Module):
     """`model(input_ids [b, s]) -> fp32 logits [b, s, vocab]` over a megatron MambaModel, with the
-    padded vocab rows cut off so logits match the tokenizer."""
+    padded vocab rows cut off so logits match the tokenizer. Inputs are moved to the model's device;
+    logits stay there."""
 
     def __init__(self, model: torch.nn.Module, vocab_size: int, config):
         super().__init__()
@@ -25,8 +29,21 @@ class CausalLM(torch.nn.Module):
         self.run_config = config
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids, None, None)
+        logits = self.model(input_ids.to(model_device(self.model)), None, None)
         return logits[..., : self.vocab_size].float()
+
+
+def build_single_process_model(cfg, device: Optional[torch.device] = None):
+    """(model, tokenizer) for a TP=PP=1 config in this process, placed on `device` (default: this
+    process's accelerator, else the CPU) before any weights are loaded into it."""
+    from megatron_rlp.data.tokenizer import build_tokenizer
+    from megatron_rlp.models.hybrid import build_model
+    from megatron_rlp.training.distributed import init_distributed
+
+    init_distributed(cfg.parallel, cfg.training.seed)
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    model = build_model(cfg, tokenizer.vocab_size)
+    return model.to(compute_device() if device is None else torch.device(device)), tokenizer
 
 
 def saved_run_config(checkpoint_root: str, iteration: int | None = None):
@@ -34,8 +51,10 @@ def saved_run_config(checkpoint_root: str, iteration: int | None = None):
     if iteration is None:
         raise ValueError(f"{checkpoint_root!r} has no 'latest' file: not a megatron-rlp "
                          "checkpoint directory")
-    common = dist_checkpointing.load_common_state_dict(ckpt.checkpoint_dir(checkpoint_root,
-                                                                            iteration))
+    # The first read of a checkpoint by load_model and --to-hf: check its manifest first.
+    ckpt.verify_checkpoint(checkpoint_root, iteration)
+    with ckpt.load_errors(ckpt.checkpoint_dir(checkpoint_root, iteration)):
+        common = safe_load.load_common_state_dict(ckpt.checkpoint_dir(checkpoint_root, iteration))
     flat = dict(common["training"]["config"])
     return flat, iteration
 
@@ -53,22 +72,18 @@ def single_process_config(flat: dict):
     return config_from_dict(flat)
 
 
-def load_model(checkpoint_root: str) -> CausalLM:
+def load_model(checkpoint_root: str, device: Optional[torch.device] = None) -> CausalLM:
+    """Eval-mode `CausalLM` from a native or HF checkpoint, on `device` (default: CUDA when
+    available, else the CPU)."""
     if not os.path.isdir(checkpoint_root):
         raise ValueError(f"checkpoint directory {checkpoint_root!r} does not exist")
     from megatron_rlp.hf.import_ import is_hf_dir, load_hf_model
 
     if is_hf_dir(checkpoint_root):  # a Hugging Face NemotronH directory (safetensors only)
-        return load_hf_model(checkpoint_root)
-    from megatron_rlp.data.tokenizer import build_tokenizer
-    from megatron_rlp.models.hybrid import build_model
-    from megatron_rlp.training.distributed import init_distributed
-
+        return load_hf_model(checkpoint_root, device=device)
     flat, iteration = saved_run_config(checkpoint_root)
     cfg = single_process_config(flat)
-    init_distributed(cfg.parallel, cfg.training.seed)
-    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-    model = build_model(cfg, tokenizer.vocab_size)
+    model, tokenizer = build_single_process_model(cfg, device)
     ckpt.load_checkpoint(checkpoint_root, [model], optimizer=None, load_rng=False,
-                         iteration=iteration)
+                         iteration=iteration, verify=False)  # saved_run_config verified it
     return CausalLM(model, tokenizer.vocab_size, cfg).eval()

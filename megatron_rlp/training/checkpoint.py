@@ -6,17 +6,25 @@ Layout under `--save`:
                         any registered extension (EMA teacher, NVFP4 switch, ...)
     latest              the newest *complete* iteration, as text
 
-A save goes to `iter_0000100.tmp/`, is renamed into place once every rank has finished writing, and
-only then is `latest` replaced (write temp file + `os.replace`), so a run killed at any moment leaves
-`latest` pointing at a whole checkpoint. Tensors are loaded with torch's `weights_only` unpickler
-(dist_checkpointing's default), never arbitrary objects.
+A save goes to `iter_0000100.tmp/`, gets a `manifest.json` (every file's size and SHA-256, see
+manifest.py) once every rank has finished writing, is swapped into place (save_dir.py: never
+delete-then-rename), and only then is `latest` replaced (write temp file + `os.replace`), so a run
+killed at any moment leaves `latest` pointing at a whole checkpoint. A load checks the manifest
+before reading anything; every failure to load is one line naming the file, the iteration and
+the newest intact earlier iteration (`--ckpt-step N` loads it).
+Every read goes through safe_load.py: tensors and byte objects are unpickled by torch's
+`weights_only` unpickler, `.metadata` with an allow-list of DCP's metadata classes, so loading never
+runs code from a checkpoint (docs/CHECKPOINTS.md, "Trust model").
 
 Model and optimizer tensors are sharded by megatron (`sharded_state_dict`), so a checkpoint saved at
 one TP/PP/DP layout loads at another.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import shutil
 from typing import Dict, List, Optional, Protocol
 
@@ -25,8 +33,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.tensor_parallel import random as tp_random
+from torch.distributed.checkpoint.api import CheckpointException
 
-LATEST_FILE = "latest"
+from megatron_rlp import device
+from megatron_rlp.training import manifest, safe_load, save_dir
+from megatron_rlp.training.save_dir import LATEST_FILE, checkpoint_dir, fallback_hint
+
 FORMAT_VERSION = 1
 
 
@@ -41,32 +53,120 @@ class CheckpointedComponent(Protocol):
     def load_sharded_state_dict(self, state: dict) -> None: ...
 
 
-def checkpoint_dir(save: str, iteration: int) -> str:
-    return os.path.join(save, f"iter_{iteration:07d}")
-
-
 def read_latest_iteration(load: str) -> Optional[int]:
     """The iteration named by `<load>/latest`, or None if the directory has no checkpoint."""
     path = os.path.join(load, LATEST_FILE)
     if not os.path.exists(path):
         return None
-    text = open(path).read().strip()
+    with open(path, errors="replace") as f:
+        text = f.read().strip()
     if not text.isdigit():
-        raise ValueError(f"{path}: expected an iteration number, found {text!r}")
+        raise ValueError(f"{path}: expected an iteration number, found {text[:40]!r}"
+                         + fallback_hint(load, None))
     iteration = int(text)
-    if not os.path.isdir(checkpoint_dir(load, iteration)):
-        raise ValueError(f"{path} names iteration {iteration} but "
-                         f"{checkpoint_dir(load, iteration)} is missing")
+    ckpt_dir = checkpoint_dir(load, iteration)
+    if not os.path.isdir(ckpt_dir):
+        aside = (f" (a re-save was interrupted: the previous copy is {ckpt_dir}.old; rename it "
+                 "back, or run with --save on this directory, which does)"
+                 if os.path.isdir(ckpt_dir + ".old") else "")
+        raise ValueError(f"{path} names iteration {iteration} but {ckpt_dir} is missing{aside}"
+                         + fallback_hint(load, iteration))
     return iteration
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
+def resolve_iteration(load: str, ckpt_step: Optional[int] = None) -> Optional[int]:
+    """The iteration to load: `ckpt_step` (--ckpt-step) if given, else the one `latest` names
+    (None: the directory holds no checkpoint)."""
+    if ckpt_step is None:
+        return read_latest_iteration(load)
+    if not os.path.isdir(checkpoint_dir(load, ckpt_step)):
+        saved = ", ".join(map(str, save_dir.saved_iterations(load))) or "none"
+        raise ValueError(f"--ckpt-step {ckpt_step}: {checkpoint_dir(load, ckpt_step)} does not "
+                         f"exist (saved iterations in {load}: {saved})")
+    return ckpt_step
+
+
+def verify_checkpoint(load: str, iteration: int, hashes: bool = True) -> bool:
+    """Check `iter_NNNNNNN/` against its manifest before anything reads it: names and sizes, and
+    with `hashes` every file's SHA-256 (each rank hashes its share of the files). Every rank
+    raises the same one-line ValueError naming the file, the iteration and the newest intact
+    earlier one. Returns False, checking nothing, for a checkpoint saved before manifests."""
+    ckpt_dir = checkpoint_dir(load, iteration)
+    if not manifest.has_manifest(ckpt_dir):
+        return False
+    problem = ""
+    try:
+        files = manifest.read_manifest(ckpt_dir)
+        problem = manifest.size_problem(ckpt_dir, files) or ""
+        if not problem and hashes:
+            share = sorted(files)[_rank()::_world_size()]
+            problem = manifest.hash_problem(ckpt_dir, files, share) or ""
+    except (ValueError, OSError) as error:
+        problem = str(error)
+    problem = _first_problem(problem)
+    if problem:
+        raise ValueError(f"checkpoint {ckpt_dir} is damaged: {problem}"
+                         + fallback_hint(load, iteration))
+    return True
+
+
+@contextlib.contextmanager
+def load_errors(ckpt_dir: str):
+    """Turn any error from megatron's or torch's checkpoint readers into one ValueError line.
+    torch's `CheckpointException` is a BaseException, so `except Exception` alone misses it;
+    KeyboardInterrupt and SystemExit still pass."""
+    try:
+        yield
+    except (Exception, CheckpointException) as error:
+        raise ValueError(load_failure(ckpt_dir, error)) from error
+
+
+def load_failure(ckpt_dir: str, error: BaseException) -> str:
+    """One line: the file when it can be told, the underlying error's first line, and the newest
+    intact earlier checkpoint with the flag that loads it."""
+    hint = fallback_hint(*save_dir.split_checkpoint_dir(ckpt_dir))
+    cause = _os_error_in(error) or _first_failure(error)
+    detail = (str(cause).strip().splitlines() or [""])[0]
+    if isinstance(cause, ValueError) and ckpt_dir in detail:  # ours: names file and checkpoint
+        return detail + hint
+    if isinstance(cause, OSError) and cause.strerror:
+        detail = cause.strerror
+    elif isinstance(cause, EOFError):  # torch's reader says nothing more
+        detail = "a file ends early (truncated copy?)"
+    elif not isinstance(cause, ValueError):
+        detail = f"{type(cause).__name__}: {detail}"
+    return f"cannot load checkpoint {ckpt_dir}: {_file_in(ckpt_dir, cause)}{detail}{hint}"
+
+
+def _first_failure(error: BaseException) -> BaseException:
+    """What a rank raised inside torch's CheckpointException (its own text is a traceback)."""
+    while isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    return error
+
+
+def _file_in(ckpt_dir: str, error: BaseException) -> str:
+    """"<name>: " for the checkpoint file `error` is about, if it says; else ""."""
+    filename = getattr(error, "filename", None)
+    if filename:
+        return os.path.relpath(os.fsdecode(filename), ckpt_dir) + ": "
+    text = str(error).replace(ckpt_dir, "")  # the directory's own name may contain a file name
+    names = manifest.list_files(ckpt_dir) + list(save_dir.LEGACY_REQUIRED)
+    named = [name for name in names if name in text]
+    return max(named, key=len) + ": " if named else ""
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _first_problem(problem: str) -> str:
+    """The first non-empty problem of any rank, on every rank (so all ranks raise together)."""
+    return next((p for p in device.all_gather_object(problem) if p), "")
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -87,13 +187,17 @@ def _optimizer_metadata() -> dict:
 
 
 def _rng_state() -> dict:
-    # Training draws randomness only from torch (CPU generator and megatron's tracker); data order,
-    # RLP sampling and NVFP4 stochastic rounding are seeded from (seed, position in the run), so
-    # these two are all a resume needs.
-    return {
+    # Training draws randomness only from torch (CPU generator, this GPU's generator and megatron's
+    # tracker, whose streams are CUDA states on GPU hosts); data order, RLP sampling and NVFP4
+    # stochastic rounding are seeded from (seed, position in the run), so these are all a resume
+    # needs. States are CPU byte tensors, whatever device they describe.
+    state = {
         "torch": torch.get_rng_state(),
         "tracker": tp_random.get_cuda_rng_tracker().get_states(),
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
@@ -108,21 +212,39 @@ def _rng_sharded_object(state: Optional[dict]) -> ShardedObject:
 
 
 def _restore_rng(state: dict) -> None:
+    """Restore what was saved on a host of the same kind. Crossing CPU <-> GPU keeps the fresh
+    streams: a CUDA generator state means nothing to the CPU generator and vice versa."""
     torch.set_rng_state(state["torch"])
-    tracker = tp_random.get_cuda_rng_tracker()
-    tracker.set_states(state["tracker"])
+    saved_on_gpu = "cuda" in state
+    if saved_on_gpu != torch.cuda.is_available():
+        return
+    if saved_on_gpu:
+        torch.cuda.set_rng_state(state["cuda"])
+    tp_random.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
 def save_checkpoint(save: str, iteration: int, model: List[torch.nn.Module], optimizer,
                     scheduler, training_state: dict,
                     components: Optional[Dict[str, CheckpointedComponent]] = None) -> str:
-    """Write `iter_NNNNNNN/` atomically and point `latest` at it. Returns the directory."""
+    """Write `iter_NNNNNNN/` atomically and point `latest` at it. Returns the directory.
+
+    Four steps, each agreed on by every rank before the next: make `<dir>.tmp/` (rank 0, once it
+    has checked there is room for another checkpoint the size of the last), write into it (all
+    ranks), hash its files (each rank its share), then write `manifest.json`, swap the directory
+    into place and replace `latest` (rank 0). An OSError in any step (disk full, permissions)
+    removes the `.tmp` and raises one ValueError naming the path and the intact previous
+    checkpoint. Limit: megatron writes `common.pt` on rank 0 alone, before the collective part
+    of its save; if that write fails in a multi-rank run the other ranks are already inside
+    torch's collectives, so the room check is what keeps a full disk a one-line error there."""
     final_dir = checkpoint_dir(save, iteration)
     tmp_dir = final_dir + ".tmp"
-    if _rank() == 0:
+
+    def prepare():
+        _check_room(save)
         shutil.rmtree(tmp_dir, ignore_errors=True)
         os.makedirs(tmp_dir)
-    _barrier()
+
+    _save_step(prepare if _rank() == 0 else None, save, final_dir)
 
     state = model_sharded_state_dict(model)
     state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False,
@@ -133,29 +255,135 @@ def save_checkpoint(save: str, iteration: int, model: List[torch.nn.Module], opt
     for name, component in (components or {}).items():
         state[f"ext_{name}"] = component.sharded_state_dict()
 
-    dist_checkpointing.save(state, tmp_dir, validate_access_integrity=True)
-    _barrier()
-    if _rank() == 0:
-        if os.path.exists(final_dir):  # re-saving the same iteration (e.g. after a resume)
-            shutil.rmtree(final_dir)
-        os.replace(tmp_dir, final_dir)
-        latest_tmp = os.path.join(save, LATEST_FILE + ".tmp")
-        with open(latest_tmp, "w") as f:
-            f.write(f"{iteration}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(latest_tmp, os.path.join(save, LATEST_FILE))
-    _barrier()
+    # Written by threads, not forked writers + a spawn Manager that outlive a killed run.
+    from megatron_rlp.training.ckpt_writer import InProcessSaveStrategy
+
+    _save_step(lambda: dist_checkpointing.save(state, tmp_dir,
+                                               sharded_strategy=InProcessSaveStrategy(),
+                                               validate_access_integrity=True),
+               save, final_dir)
+
+    mine: dict = {}
+    _save_step(lambda: mine.update(manifest.describe_files(
+        tmp_dir, manifest.list_files(tmp_dir)[_rank()::_world_size()])), save, final_dir)
+    files = {name: entry for share in device.all_gather_object(mine)
+             for name, entry in share.items()}
+
+    def publish():
+        manifest.write_manifest(tmp_dir, files)
+        save_dir.swap_in(tmp_dir, final_dir)
+        save_dir.write_latest(save, iteration)
+
+    _save_step(publish if _rank() == 0 else None, save, final_dir)
     return final_dir
+
+
+def _save_step(step, save: str, final_dir: str) -> None:
+    """Run `step` (None: nothing to do on this rank), then agree across ranks; on an OSError
+    anywhere, remove the partial save and raise the same one-line ValueError on every rank."""
+    problem = ""
+    if step is not None:
+        try:
+            step()
+        except (Exception, CheckpointException) as error:  # torch's is a BaseException
+            os_error = _os_error_in(error) or _full_disk_error(save, error)
+            if os_error is None:
+                raise
+            problem = _describe_os_error(os_error, save)
+    problem = _first_problem(problem)
+    if not problem:
+        return
+    if _rank() == 0:
+        shutil.rmtree(final_dir + ".tmp", ignore_errors=True)
+    try:
+        previous = read_latest_iteration(save)
+    except ValueError:
+        previous = None
+    kept = (f"the previous checkpoint (iteration {previous}) is intact; resume with --load "
+            f"{save} once fixed" if previous is not None
+            else "no earlier checkpoint was saved; start again once fixed")
+    raise ValueError(f"cannot save checkpoint {final_dir}: {problem}; {kept}")
+
+
+def _check_room(save: str) -> None:
+    """Refuse to start a save that cannot fit (the last checkpoint's size, from its manifest):
+    failing here is clean on every rank, failing mid-write may not be (see save_checkpoint)."""
+    try:
+        previous = read_latest_iteration(save)
+    except ValueError:
+        return
+    needed = save_dir.latest_bytes(save, previous) if previous is not None else None
+    free = shutil.disk_usage(save).free
+    if needed is not None and free < needed:
+        raise OSError(errno.ENOSPC, f"only {free / 2**20:.1f} MiB free, the last checkpoint "
+                      f"took {needed / 2**20:.1f} MiB", save)
+
+
+def _os_error_in(error: BaseException) -> Optional[OSError]:
+    """The OSError behind `error`: itself, a cause, or a rank's failure inside torch's
+    CheckpointException (which wraps whatever a writer raised). DCP sends failures between
+    ranks pickled, which drops `__cause__`: megatron's writer then leaves only the text
+    "Worker failure: [Errno 28] No space left on device: '<path>'", so that is parsed too."""
+    seen, todo, from_text = set(), [error], None
+    while todo:
+        current = todo.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError):
+            return current
+        match = _ERRNO_TEXT.search(str(current)) if isinstance(current, RuntimeError) else None
+        if match and from_text is None:
+            from_text = OSError(int(match.group(1)), match.group(2), match.group(3))
+        if isinstance(current, CheckpointException):
+            todo.extend(failure[0] for failure in current.failures.values())
+        todo.append(current.__cause__)
+        if not current.__suppress_context__:  # `raise ... from None` disowns its context
+            todo.append(current.__context__)
+    return from_text
+
+
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^:\n]+)(?:: '([^'\n]*)')?")
+_FULL_DISK_BYTES = 64 << 20
+
+
+def _full_disk_error(save: str, error: BaseException) -> Optional[OSError]:
+    """torch.save writes through C++ and reports a full disk without an errno ("[enforce fail
+    at inline_container.cc] unexpected pos ..."). A write that failed while the file system has
+    (next to) no room left is taken to be that."""
+    try:
+        free = shutil.disk_usage(save).free
+    except OSError:
+        return None
+    if free >= _FULL_DISK_BYTES:
+        return None
+    said = (str(_first_failure(error)).strip().splitlines() or [""])[0]
+    return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({free / 2**20:.1f} MiB free; "
+                   f"the writer said {said[:120]!r})", save)
+
+
+def _describe_os_error(error: OSError, save: str) -> str:
+    where = f"{error.filename}: " if error.filename else ""
+    what = error.strerror or str(error)
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = f"free disk space for {save}"
+    elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = f"make {save} writable"
+    else:
+        fix = "fix the cause"
+    return f"{where}{what} ({fix})"
 
 
 def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, scheduler=None,
                     components: Optional[Dict[str, CheckpointedComponent]] = None,
-                    load_rng: bool = True, iteration: Optional[int] = None) -> dict:
+                    load_rng: bool = True, iteration: Optional[int] = None,
+                    verify: bool = True, hashes: bool = True) -> dict:
     """Load the checkpoint named by `<load>/latest` (or `iteration`) into the given objects.
 
     Returns the saved training state (iteration, consumed samples, ...). `optimizer=None` loads
     weights only (fine-tuning or a new stage); RNG is restored only at the layout it was saved at.
+    The directory is checked against its manifest first (`verify_checkpoint`; `verify=False` when
+    the caller already did); any failure to read it is one ValueError line.
     """
     if iteration is None:
         iteration = read_latest_iteration(load)
@@ -163,6 +391,8 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
             raise ValueError(f"--load {load!r}: no '{LATEST_FILE}' file, so no checkpoint to "
                              "resume; check the path or drop --load to start fresh")
     ckpt_dir = checkpoint_dir(load, iteration)
+    if verify:
+        verify_checkpoint(load, iteration, hashes=hashes)
 
     state = model_sharded_state_dict(model)
     saved_tensors = _check_model_shapes(ckpt_dir, state)
@@ -170,7 +400,8 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
         _ensure_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                           metadata=_optimizer_metadata())
-    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    with load_errors(ckpt_dir):
+        common = safe_load.load_common_state_dict(ckpt_dir)
     if optimizer is not None and scheduler is not None:
         state["scheduler"] = common["scheduler"]
     for name, component in (components or {}).items():
@@ -185,11 +416,8 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
     if load_rng and same_layout:
         state["rng_state"] = _rng_sharded_object(None)
 
-    try:
-        loaded = dist_checkpointing.load(state, ckpt_dir)
-    except Exception as error:  # megatron reports shape mismatches deep in its loader
-        raise ValueError(f"cannot load {ckpt_dir}: {error}. Was it saved from a model of a "
-                         "different shape (layers, widths, pattern, vocab)?") from error
+    with load_errors(ckpt_dir):  # shapes were checked above: what fails here is the files
+        loaded = safe_load.load(state, ckpt_dir)
 
     for i, chunk in enumerate(model):
         key = "model" if len(model) == 1 else f"model{i}"
@@ -218,9 +446,9 @@ def _check_model_shapes(ckpt_dir: str, state: dict) -> dict:
 
     problem = ""
     try:
-        saved = dist_checkpointing.load_tensors_metadata(ckpt_dir)
-    except Exception as error:  # unreadable metadata: same outcome on every rank
-        problem = f"cannot read {ckpt_dir}: {error}"
+        saved = safe_load.load_tensors_metadata(ckpt_dir)
+    except (Exception, CheckpointException) as error:  # unreadable: same outcome on every rank
+        problem = "cannot read: " + load_failure(ckpt_dir, error)
         saved = {}
     for value in nested_values(state):
         if problem:
@@ -232,13 +460,10 @@ def _check_model_shapes(ckpt_dir: str, state: dict) -> dict:
         elif tuple(saved[value.key].global_shape) != tuple(value.global_shape):
             problem = (f"{value.key} has shape {tuple(saved[value.key].global_shape)} there but "
                        f"{tuple(value.global_shape)} in this model")
-    problems = [problem]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        problems = [None] * dist.get_world_size()
-        dist.all_gather_object(problems, problem)
+    problems = device.all_gather_object(problem)
     first = next((p for p in problems if p), "")
-    if first.startswith("cannot read"):
-        raise ValueError(first)
+    if first.startswith("cannot read: "):
+        raise ValueError(first[len("cannot read: "):])
     if first:
         raise ValueError(f"checkpoint {ckpt_dir} does not fit this model: {first}; it was saved "
                          "from a model of a different shape (layers, widths, pattern, vocab): "
@@ -253,13 +478,17 @@ def _torch_optimizers(optimizer) -> list:
 
 
 def _ensure_adam_state(optimizer) -> None:
-    """Give a never-stepped optimizer zero Adam state before building its load state dict.
+    """Give a never-stepped torch Adam/AdamW zero state before building its load state dict.
 
-    Without TE/Apex, megatron 0.16.1's `DistributedOptimizer.state_dict()` reads `step` from every
+    Only torch's optimizers (megatron's choice without TE/Apex, on CPU *and* GPU hosts) need
+    this: TE's FusedAdam keeps `step` per param group and rejects a per-param `step`, and
+    megatron fills its state itself. Without TE/Apex, megatron 0.16.1's `DistributedOptimizer.state_dict()` reads `step` from every
     param's torch state (`assert len(steps) == 1` fails on a fresh optimizer: no state at all),
     and its `_init_optimizer_states_with_dummy_values` would take an AdamW step (weight decay
     moves the weights). Zero state is what torch would create; the load overwrites all of it."""
     for inner in _torch_optimizers(optimizer):
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
         for group in inner.param_groups:
             for param in group["params"]:
                 state = inner.state[param]
@@ -275,6 +504,8 @@ def _unshare_adam_steps(optimizer) -> None:
     tensor into every param's state; torch's Adam increments each param's step in place, so the
     shared counter would advance once per param per iteration and bias correction would drift."""
     for inner in _torch_optimizers(optimizer):
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            continue
         for state in inner.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
