@@ -31,14 +31,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 64,
                   temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                  num_samples: int = 1, stop_ids=None) -> list[str]:
-    """Continuations of `prompt` from a `load_model` model (or any wrapped MambaModel)."""
+                  num_samples: int = 1, stop_ids=None,
+                  seq_length: Optional[int] = None) -> list[str]:
+    """Continuations of `prompt` from a `load_model` model (or any wrapped MambaModel).
+    `seq_length` (the run's --seq-length): a longer prompt is refused, since the model never saw
+    positions past it and would continue it silently in a regime it was not trained for."""
     from megatron_rlp.inference.decode import CachedDecoder
     from megatron_rlp.inference.generate import generate
 
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("--prompt encodes to no tokens; give some text")
+    if seq_length is not None and len(ids) > seq_length:
+        raise ValueError(f"--prompt is {len(ids)} tokens, longer than the model's --seq-length "
+                         f"{seq_length} (the longest context it was trained on); shorten it")
+    if seq_length is not None and len(ids) + max_new_tokens > seq_length:
+        print(f"note: prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} runs past "
+              f"the model's --seq-length {seq_length}; tokens beyond it are out of training "
+              "range", file=sys.stderr, flush=True)
     stop_ids = [tokenizer.eod] if stop_ids is None else stop_ids
     result = generate(CachedDecoder(model, tokenizer.vocab_size), [ids],
                       max_new_tokens=max_new_tokens, num_samples=num_samples,
@@ -74,7 +84,8 @@ def _generate(args) -> None:
                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                           num_samples=args.num_samples,
-                          stop_ids=[tokenizer.eod] if args.stop_at_eod else [])
+                          stop_ids=[tokenizer.eod] if args.stop_at_eod else [],
+                          seq_length=model.run_config.training.seq_length)
     for text in texts:
         print(args.prompt + text, flush=True)
 

@@ -16,7 +16,10 @@ renamed into place only when every one of them is complete.
 
 Parallelism: `--workers N` tokenises chunks of lines in N processes, each single-threaded (the HF
 tokenizers thread pool is turned off, so N is the number of cores used); chunks are written back
-in input order, so the output is byte-identical for any N. The last stdout line is a JSON summary.
+in input order, so the output is byte-identical for any N; workers die with the tool if it is
+killed. Memory: a document over 128 Ki characters is tokenised in pieces cut at whitespace, so a
+50 MB line peaks at ~0.7 GB RSS (megatron_rlp/data/preprocess.py says when the ids can differ from
+whole-document tokenization). The last stdout line is a JSON summary.
 """
 from __future__ import annotations
 

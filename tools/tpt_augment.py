@@ -56,6 +56,10 @@ def _check(a: argparse.Namespace) -> None:
         raise ValueError(f"--input {a.input!r}: file not found")
     if not os.path.isdir(a.load):
         raise ValueError(f"--load {a.load!r}: not a checkpoint directory")
+    if os.path.realpath(a.output) == os.path.realpath(a.input) or (
+            os.path.exists(a.output) and os.path.samefile(a.output, a.input)):
+        raise ValueError(f"--output {a.output!r} is the --input file: augmenting in place would "
+                         "replace the original documents; choose a new --output")
     if "{document}" not in a.prompt_template:
         raise ValueError("--prompt-template must contain {document}")
     if "{thinking}" not in a.output_template:

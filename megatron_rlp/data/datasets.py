@@ -22,7 +22,8 @@ Index files (document/sample/shuffle .npy) are cached in `cache_dir`, default `<
 first prefix>/index-cache`, under names hashing the config, the tokenizer and the data files' sizes
 and mtimes (data rewritten under the same prefix gets fresh indices). With torch.distributed
 initialised, megatron-core builds them on rank 0 first and the other ranks load them after a
-barrier: call this on every rank (it is collective).
+barrier: call this on every rank (it is collective). Before that, every file's token ids are
+checked against the tokenizer's vocabulary (`token_range.py`: one scan per file, cached there).
 """
 from __future__ import annotations
 
@@ -33,7 +34,10 @@ import warnings
 from collections import OrderedDict
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
+
+from megatron_rlp.data.token_range import check_token_ids_rank_zero_first
 
 SPLITS = ("train", "valid", "test")
 _FIX = "build it with tools/preprocess_data.py, or run examples/demo.sh for the embedded default"
@@ -192,6 +196,31 @@ class PretrainingDataset(torch.utils.data.Dataset):
         }
 
 
+def refuse_object_arrays(cache_dir: str) -> None:
+    """Raise if any `.npy` under `cache_dir` holds Python objects (a pickle) rather than numbers.
+    Only the header is read; the arrays are not loaded."""
+    if not os.path.isdir(cache_dir):
+        return
+    for root, _, files in os.walk(cache_dir):
+        for name in files:
+            if not name.endswith(".npy"):
+                continue
+            path = os.path.join(root, name)
+            try:
+                with open(path, "rb") as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if major == 1
+                                   else np.lib.format.read_array_header_2_0)
+                    _, _, dtype = read_header(f)
+            except (OSError, ValueError) as error:
+                raise ValueError(f"dataset index cache {path} is not a numpy array file "
+                                 f"({error}); delete it (it is rebuilt)") from None
+            if dtype.hasobject:
+                raise ValueError(f"dataset index cache {path} holds pickled Python objects, which "
+                                 "megatron-rlp never writes and would not load (they can run "
+                                 "code); delete the file (it is rebuilt)")
+
+
 def build_pretraining_dataset(data_path: Sequence[str] | str, seq_length: int, num_samples: int,
                               seed: int, tokenizer, split: str = "train",
                               cache_dir: Optional[str] = None) -> PretrainingDataset:
@@ -217,6 +246,11 @@ def build_pretraining_dataset(data_path: Sequence[str] | str, seq_length: int, n
 
     if cache_dir is None:
         cache_dir = os.path.join(os.path.dirname(os.path.abspath(prefixes[0])), "index-cache")
+    # Before any index is built: an id >= vocab would otherwise surface as an IndexError mid-run.
+    check_token_ids_rank_zero_first(prefixes, tokenizer.vocab_size, cache_dir)
+    # megatron reads its index cache with numpy.load(allow_pickle=True): a received run directory
+    # could carry a pickle there. Our indices are plain integer arrays; anything else is refused.
+    refuse_object_arrays(cache_dir)
     split_index = SPLITS.index(split)
     blend = ([os.path.abspath(p) for p in prefixes], weights)
     config = GPTDatasetConfig(

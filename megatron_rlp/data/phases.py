@@ -167,6 +167,27 @@ class PhasedSource:
         blob = json.dumps([spec, self.seq_length, self.seed], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
+    def notes(self, total_samples: int, global_batch_size: int) -> list[str]:
+        """Start-up lines for what would otherwise pass unnoticed: blend weights megatron-core
+        will rescale, and phases this run never reaches."""
+        from megatron_rlp.data.datasets import parse_data_path
+
+        out = []
+        for p in self.phases:
+            _, weights = parse_data_path(p.data_path)
+            total = sum(weights) if weights else 1.0
+            if abs(total - 1.0) > 1e-6:
+                scaled = ", ".join(f"{w / total:.4g}" for w in weights)
+                out.append(f"note: --data-phases phase {p.name!r}: blend weights sum to "
+                           f"{total:g}, not 1; they are normalised to {scaled}")
+        for p, start in zip(self.phases, blend_lib.phase_starts(self.budgets)):
+            if start >= total_samples:
+                need = start // global_batch_size + 1
+                out.append(f"note: --data-phases phase {p.name!r} is never reached: it starts at "
+                           f"sample {start:,} and this run reads {total_samples:,} samples; "
+                           f"--train-iters {need} or more reaches it")
+        return out
+
     def summary(self, total_samples: int) -> str:
         """Start-up table: per phase and source, samples, tokens and effective epochs."""
         wanted = blend_lib.samples_per_phase(total_samples, self.budgets)
@@ -197,6 +218,13 @@ def build_phased_source(phases: list[Phase], tokenizer, seq_length: int, global_
     """One megatron-core dataset per phase, each sized for what the run reads from it."""
     from megatron_rlp.data.datasets import build_pretraining_dataset
 
+    per_step = seq_length * global_batch_size
+    for p in phases:  # phase_sample_budgets would silently round such a budget up to one step
+        if p.tokens < per_step:
+            raise ValueError(
+                f"--data-phases phase {p.name!r}: tokens={p.tokens:,} is less than one optimizer "
+                f"step ({per_step:,} tokens = --seq-length {seq_length} x global batch "
+                f"{global_batch_size}); raise its budget or merge it into a neighbouring phase")
     budgets = blend_lib.phase_sample_budgets([p.tokens for p in phases], seq_length,
                                              global_batch_size)
     wanted = blend_lib.samples_per_phase(total_samples, budgets)
@@ -243,6 +271,8 @@ def phased_source_builder(cfg, tokenizer, split: str):
                                  cfg.training.seed, cache_dir=cache)
     if _is_rank_zero():
         print(source.summary(total), flush=True)
+        for note in source.notes(total, gbs):
+            print(note, flush=True)
     _BUILT[id(cfg)] = source  # picked up by phase_callback_factory, which build_run calls next
     return source
 

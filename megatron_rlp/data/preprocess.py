@@ -12,6 +12,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 from typing import Iterator, Optional
 
 import numpy as np
@@ -21,6 +22,67 @@ from megatron_rlp.data.tokenizer import build_tokenizer
 # Per-process state set by init_worker (the pool initializer, or directly when --workers 1).
 _STATE: dict = {}
 
+# Long documents are tokenised in pieces of at most PIECE_CHARS characters. Why: an HF tokenizer
+# holds ~250 bytes per input character while it encodes one string (alignments, offsets, token
+# strings), so one 50 MB JSONL line took 10 GB RSS; in pieces the encodings alive at once stay
+# under ~70 MB whatever the document's length (and encoding is faster). A piece ends just before
+# a whitespace character that is followed by a non-whitespace one, which for GPT-2-style regex
+# pre-tokenizers (the embedded tokenizer included) is always a pre-token boundary, so the ids
+# equal whole-document tokenization. A tokenizer that treats the start of a string specially
+# (SentencePiece's Metaspace prefix, a stripping normalizer) may tokenise the characters at each
+# seam differently, and a stretch of PIECE_CHARS / 2 characters without such a boundary is cut
+# hard. Shorter documents are never cut.
+PIECE_CHARS = 1 << 17
+# At most this many characters go to one encode_batch call, bounding the encodings alive at once.
+BATCH_CHARS = 1 << 18
+_SEAM = re.compile(r"\s(?=\S)")
+
+
+def split_long_text(text: str, limit: Optional[int] = None) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `limit` (default PIECE_CHARS) characters."""
+    limit = limit or PIECE_CHARS
+    start = 0
+    while len(text) - start > limit:
+        seam = None
+        for seam in _SEAM.finditer(text, start + limit // 2, start + limit):
+            pass
+        end = seam.start() if seam is not None else start + limit
+        yield text[start:end]
+        start = end
+    yield text[start:]
+
+
+def encode_documents(tok, texts: list[str], eod: Optional[int], dtype) -> tuple:
+    """(flat ids of all `texts` with `eod` after each when given, per-document lengths),
+    encoding at most BATCH_CHARS characters at a time."""
+    lengths = np.zeros(len(texts), dtype=np.int64)
+    flats, batch, batch_chars = [], [], 0  # batch: (piece, document index, is its last piece)
+
+    def flush():
+        encoded = tok.encode_batch([piece for piece, _, _ in batch])
+        for ids, (_, doc, last) in zip(encoded, batch):
+            if last and eod is not None:
+                ids.append(eod)
+            lengths[doc] += len(ids)
+        flats.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype,
+                                 count=sum(map(len, encoded))))
+        batch.clear()
+
+    for doc, text in enumerate(texts):
+        pieces = split_long_text(text)
+        piece = next(pieces)
+        for following in itertools.chain(pieces, [None]):  # one ahead: is `piece` the last?
+            batch.append((piece, doc, following is None))
+            batch_chars += len(piece)
+            if batch_chars >= BATCH_CHARS:
+                flush()
+                batch_chars = 0
+            piece = following
+    if batch:
+        flush()
+    flat = np.concatenate(flats) if flats else np.empty(0, dtype=dtype)
+    return flat, lengths
+
 
 def init_worker(tokenizer_type: str, tokenizer_model: Optional[str], json_keys: list[str],
                  append_eod: bool, dtype_name: str) -> None:
@@ -29,6 +91,32 @@ def init_worker(tokenizer_type: str, tokenizer_model: Optional[str], json_keys: 
     tok = build_tokenizer(tokenizer_type, tokenizer_model)
     _STATE.update(tokenizer=tok, keys=json_keys, eod=tok.eod if append_eod else None,
                   dtype=np.dtype(dtype_name))
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux; elsewhere a no-op).
+
+    Why: a pool worker only notices a dead parent when it next reads its task queue, so after a
+    SIGKILLed preprocess run it kept tokenising its current chunk (minutes, and GBs of RSS, for
+    a giant document) as an orphan. The parent's pid is checked after the call, closing the race
+    in which the parent dies before the signal is armed."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)  # already orphaned
+
+
+def _init_pool_worker(*initargs) -> None:
+    die_with_parent()
+    init_worker(*initargs)
 
 
 def encode_chunk(chunk: list[tuple[int, bytes]]) -> tuple[list, list]:
@@ -58,16 +146,7 @@ def encode_chunk(chunk: list[tuple[int, bytes]]) -> tuple[list, list]:
             continue
         for k in keys:
             texts[k].append(doc[k])
-    per_key = []
-    for k in keys:
-        ids = tok.encode_batch(texts[k])
-        if eod is not None:
-            for doc_ids in ids:
-                doc_ids.append(eod)
-        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype,
-                           count=int(lengths.sum()))
-        per_key.append((flat, lengths))
+    per_key = [encode_documents(tok, texts[k], eod, dtype) for k in keys]
     return errors, per_key
 
 
@@ -78,7 +157,7 @@ def ordered_results(chunks: Iterator, workers: int, initargs: tuple) -> Iterator
         for chunk in chunks:
             yield encode_chunk(chunk)
         return
-    with multiprocessing.get_context("spawn").Pool(workers, init_worker, initargs) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, _init_pool_worker, initargs) as pool:
         pending = collections.deque()
         for chunk in chunks:
             pending.append(pool.apply_async(encode_chunk, (chunk,)))
