@@ -190,14 +190,8 @@ def load_for_run(run: Run) -> None:
     c = run.cfg.checkpoint
     if not c.load:
         return
-    # Checked before the checkpoint is read or metrics.jsonl opened: a fine-tuning run counts from
-    # iteration 0, so into a --save that holds checkpoints it would truncate metrics.jsonl,
-    # overwrite iter_* and move `latest` backwards (seen with --load == --save: 12 back to 2).
-    if c.finetune and c.save and os.path.exists(os.path.join(c.save, ckpt.LATEST_FILE)):
-        raise ValueError(f"--finetune with --save {c.save!r}, which already holds checkpoints "
-                         "('latest'): a fine-tuning run starts at iteration 0 and would overwrite "
-                         "them; choose an empty --save, or to resume this fine-tuning run drop "
-                         f"--finetune and pass --load {c.save}")
+    if c.finetune:
+        refuse_new_run_over_checkpoints(c.save, "--finetune", "drop --finetune and ")
     wanted = c.ckpt_step is not None or os.path.isdir(c.load)
     iteration = ckpt.resolve_iteration(c.load, c.ckpt_step) if wanted else None
     if iteration is None:
@@ -210,6 +204,9 @@ def load_for_run(run: Run) -> None:
     with ckpt.load_errors(ckpt_dir):
         common_stage = _saved_stage(c.load, iteration)
     new_stage = c.finetune or common_stage != run.cfg.training.stage
+    if new_stage and not c.finetune:
+        refuse_new_run_over_checkpoints(
+            c.save, f"--stage {run.cfg.training.stage} from a {common_stage} checkpoint", "")
     run.trainer.resume(c.load, finetune=new_stage, load_optim=not c.no_load_optim,
                        load_rng=not c.no_load_rng, iteration=iteration, verify=False)
     from megatron_rlp.training.trainer import is_logging_rank
@@ -220,6 +217,20 @@ def load_for_run(run: Run) -> None:
                   "loaded without verification", flush=True)
         how = "weights for a new stage" if new_stage else f"resuming at {run.trainer.iteration}"
         print(f"loaded {ckpt_dir} ({how})", flush=True)
+
+
+def refuse_new_run_over_checkpoints(save: Optional[str], what: str, resume_hint: str) -> None:
+    """A run that starts at iteration 0 (fine-tuning, a new stage) must not write into a --save
+    that holds checkpoints: it would truncate metrics.jsonl, overwrite iter_* and move `latest`
+    backwards (seen with --finetune and --load == --save: 12 back to 2). Checked before the
+    checkpoint is read or metrics.jsonl is opened."""
+    from megatron_rlp.training.checkpoint import LATEST_FILE
+
+    if save and os.path.exists(os.path.join(save, LATEST_FILE)):
+        raise ValueError(f"{what} with --save {save!r}, which already holds checkpoints "
+                         "('latest'): this run starts at iteration 0 and would overwrite them; "
+                         f"choose an empty --save, or to resume that run {resume_hint}pass "
+                         f"--load {save}")
 
 
 def _saved_stage(load: str, iteration: int) -> str:

@@ -139,7 +139,7 @@ def test_tpt_augment_refuses_to_write_over_its_input(tmp_path):
     assert docs.read_text() == '{"text": "12 + 7 = 19"}\n'
 
 
-def test_finetune_into_a_save_that_holds_checkpoints_is_refused(tiny_flags, tmp_path, capsys):
+def test_finetune_or_new_stage_into_a_save_that_holds_checkpoints_is_refused(tiny_flags, tmp_path, capsys):
     # Before: --finetune with --load == --save wiped metrics.jsonl, overwrote iter_0000002 and
     # moved `latest` from 4 back to 2.
     from megatron_rlp.train import main
@@ -154,6 +154,12 @@ def test_finetune_into_a_save_that_holds_checkpoints_is_refused(tiny_flags, tmp_
     assert code == 2 and len(err) == 1, err
     assert f"--finetune with --save {save!r}, which already holds checkpoints" in err[0]
     assert f"drop --finetune and pass --load {save}" in err[0]
+    # A new stage also starts at iteration 0: the same refusal, before anything is written.
+    code = main(tiny_flags + ["--train-iters", "2", "--load", save, "--save", save,
+                              "--stage", "rlp"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "--stage rlp from a pretrain checkpoint with --save" in err[0]
     after = _snapshot(save)
     kept = {k: v for k, v in after.items() if not k.startswith("cache")}
     assert kept == {k: v for k, v in before.items() if not k.startswith("cache")}
