@@ -102,3 +102,40 @@ def test_top_k_and_top_p_restrict_the_support():
     assert abs(float(frac) - 0.5) < 0.05
     with pytest.raises(ValueError, match="top_p"):
         sample_next(logits, 1.0, top_p=0.0)
+
+
+def test_bf16_model_keeps_fp32_ssm_state_in_the_cache(model):
+    """Torch path, bf16 weights and activations: the SSM state in the cache is fp32 after prefill
+    and after every step (a step handed a bf16 state returns fp32 too: the recurrence is never
+    rounded to bf16), the conv state holds raw bf16 inputs, and cached decoding tracks the full
+    forward to bf16 precision. (`model` only provides the process group.)"""
+    from megatron_rlp.config import config_from_dict
+    from megatron_rlp.models.hybrid import build_model
+
+    cfg = config_from_dict(dict(
+        num_layers=5, hybrid_override_pattern="M*-M*", hidden_size=64, ffn_hidden_size=128,
+        num_attention_heads=4, num_query_groups=2, mamba_num_heads=4, mamba_head_dim=16,
+        mamba_state_dim=16, mamba_num_groups=2, mamba_chunk_size=8, seq_length=64,
+        init_method_std=0.15, seed=7, bf16=True))
+    bf16_model = build_model(cfg, VOCAB).eval()
+    assert next(bf16_model.parameters()).dtype == torch.bfloat16
+    ids = torch.tensor([PROMPTS[0] + [61, 7, 99, 3, 150, 42]])
+    decoder = CachedDecoder(bf16_model, VOCAB)
+    prompt = len(PROMPTS[0])
+    logits, cache = decoder.prefill(ids[:, :prompt], capacity=ids.shape[1])
+    full = full_logits(bf16_model, ids, VOCAB)
+    scale = full.abs().max()
+    assert sorted(cache.mamba) == [0, 3]
+    for t in range(prompt, ids.shape[1] + 1):
+        for conv, ssm in cache.mamba.values():
+            assert ssm.dtype == torch.float32 and conv.dtype == torch.bfloat16
+        got = logits[:, -1]
+        assert (got - full[:, t - 1]).abs().max() < 3e-2 * scale  # bf16: ~2^-8 per op
+        if t < ids.shape[1]:
+            logits = decoder.step(ids[:, t], cache)[:, None]
+
+    mixer = bf16_model.decoder.layers[0].mixer
+    conv, ssm = cache.mamba[0]
+    x = torch.randn(1, 1, 64).to(torch.bfloat16)
+    _, _, from_bf16 = mixer.step(x, conv, ssm.to(torch.bfloat16))
+    assert from_bf16.dtype == torch.float32

@@ -33,16 +33,19 @@ class CausalLM(torch.nn.Module):
         return logits[..., : self.vocab_size].float()
 
 
-def build_single_process_model(cfg, device: Optional[torch.device] = None):
+def build_single_process_model(cfg, device: Optional[torch.device] = None,
+                               init_weights: bool = True):
     """(model, tokenizer) for a TP=PP=1 config in this process, placed on `device` (default: this
-    process's accelerator, else the CPU) before any weights are loaded into it."""
+    process's accelerator, else the CPU) before any weights are loaded into it. `init_weights=False`
+    skips the random init when every tensor is loaded next (a full checkpoint, not an HF import,
+    whose padded vocab rows keep their init)."""
     from megatron_rlp.data.tokenizer import build_tokenizer
     from megatron_rlp.models.hybrid import build_model
     from megatron_rlp.training.distributed import init_distributed
 
     init_distributed(cfg.parallel, cfg.training.seed)
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
-    model = build_model(cfg, tokenizer.vocab_size)
+    model = build_model(cfg, tokenizer.vocab_size, init_weights=init_weights)
     return model.to(compute_device() if device is None else torch.device(device)), tokenizer
 
 
@@ -83,7 +86,7 @@ def load_model(checkpoint_root: str, device: Optional[torch.device] = None) -> C
         return load_hf_model(checkpoint_root, device=device)
     flat, iteration = saved_run_config(checkpoint_root)
     cfg = single_process_config(flat)
-    model, tokenizer = build_single_process_model(cfg, device)
+    model, tokenizer = build_single_process_model(cfg, device, init_weights=False)
     ckpt.load_checkpoint(checkpoint_root, [model], optimizer=None, load_rng=False,
                          iteration=iteration, verify=False)  # saved_run_config verified it
     return CausalLM(model, tokenizer.vocab_size, cfg).eval()

@@ -34,7 +34,9 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: 
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
-def transformer_config(cfg: RunConfig) -> TransformerConfig:
+def transformer_config(cfg: RunConfig, *, init_weights: bool = True) -> TransformerConfig:
+    """megatron's config for our model. `init_weights` (attached as `config.init_weights`) says
+    whether our seeded init runs; megatron's own `perform_initialization` is always off."""
     m, p, t = cfg.model, cfg.parallel, cfg.training
     dtype = torch.bfloat16 if t.bf16 else torch.float32
     vpp_size = None
@@ -60,9 +62,11 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         init_method_std=m.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        # Identical init across TP layouts needs the full weights drawn on CPU then split.
+        # Parameters are allocated on CPU (and moved to the GPU by the caller) and megatron draws
+        # nothing: every weight it would draw is overwritten by `layout_invariant_init` or by the
+        # Mamba2 mixer's own seeded init, so its draw (a full matrix per rank) would be wasted.
         use_cpu_initialization=True,
-        perform_initialization=True,
+        perform_initialization=False,
         params_dtype=dtype,
         bf16=t.bf16,
         pipeline_dtype=dtype,
@@ -79,8 +83,10 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
         persist_layer_norm=False,
         deallocate_pipeline_outputs=False,
     )
-    # Read by our Mamba2 mixer: its init depends only on (seed, global layer), not on TP/PP.
+    # Read by our init (mixer and `layout_invariant_init`): it depends only on (seed, global
+    # layer or parameter name), not on TP/PP; `init_weights=False` skips it (checkpoint next).
     config.init_seed = t.seed
+    config.init_weights = init_weights
     config.mamba_conv_kernel = m.mamba_conv_kernel
     config.mamba_chunk_size = m.mamba_chunk_size
     return config
@@ -88,12 +94,14 @@ def transformer_config(cfg: RunConfig) -> TransformerConfig:
 
 def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: bool = True,
                 post_process: bool = True, vp_stage: Optional[int] = None,
-                stack_spec=None) -> MambaModel:
+                stack_spec=None, init_weights: bool = True) -> MambaModel:
     """The model (or this rank's pipeline stage of it). `vocab_size` is the tokenizer's; it is
-    padded here. `stack_spec` lets a precision recipe swap linear classes."""
+    padded here. `stack_spec` lets a precision recipe swap linear classes. `init_weights=False`
+    skips every random draw, for callers that load a checkpoint right after: the matrices then
+    hold uninitialised memory (norm weights are ones, Mamba dt_bias/A_log small constants)."""
     from .spec import hybrid_stack_spec
 
-    config = transformer_config(cfg)
+    config = transformer_config(cfg, init_weights=init_weights)
     kwargs = {"vp_stage": vp_stage} if vp_stage is not None else {}
     model = MambaModel(
         config=config,
@@ -108,8 +116,34 @@ def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: bool = True,
         position_embedding_type="none",
         **kwargs,
     )
+    mark_tensor_parallel_weights(model)
     layout_invariant_init(model, config)
     return model
+
+
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Give megatron's TP layers' weights the `tensor_model_parallel` / `partition_dim` /
+    `partition_stride` attributes.
+
+    megatron sets them inside its CPU init helper (`_initialize_affine_weight_cpu`), which runs
+    only with `perform_initialization`. DDP, the optimizer, grad-norm clipping, the dry run and
+    `layout_invariant_init` read them, so without a draw we set what megatron would have: column
+    layers and the vocab embedding split dim 0, row layers dim 1, stride 1 (no GLU interleave in
+    this model). Weights that already carry them (TE layers, megatron's own init) are left alone."""
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                      VocabParallelEmbedding,
+                                                      set_tensor_model_parallel_attributes)
+
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
 # Parameters that megatron initialises with `output_layer_init_method` (std / sqrt(2 * layers)).
@@ -126,22 +160,26 @@ def _global_name(name: str, layers) -> str:
 
 @torch.no_grad()
 def layout_invariant_init(model: MambaModel, config: TransformerConfig) -> None:
-    """Redraw every matrix from a generator seeded by (seed, *global* parameter name), drawing the
-    full TP=1 tensor and keeping this rank's slice.
+    """Draw every matrix from a generator seeded by (seed, *global* parameter name): the full
+    TP=1 tensor, of which this rank keeps its slice (bit-identically, a dim-0 split draws only
+    the slice's rows and a dim-1 split never holds the full tensor, see
+    `mamba2_layout.draw_slice`). Biases are zeroed as megatron does.
 
     megatron's CPU init draws full weights from the global generator in construction order, so it
     is TP-invariant but not PP-invariant (stage 1 starts from the seed again) and any change in
-    what is built before a layer shifts its numbers. After this, a TP×PP×DP run starts from
-    exactly the weights of the one-process run. Norm weights (ones) and the Mamba2 mixer (which
-    already seeds by global layer, see `mamba2.init_full_parameters`) are left as built.
+    what is built before a layer shifts its numbers; `transformer_config` therefore turns it off.
+    After this, a TP×PP×DP run starts from exactly the weights of the one-process run. Norm weights
+    (ones, set by their constructors) and the Mamba2 mixer (which seeds by global layer itself,
+    see `mamba2_layout.init_local_parameters`) are left as built. Skipped unless
+    `init_weights_requested(config)`.
     """
-    if not config.perform_initialization:
-        return
     from megatron.core import parallel_state
 
     from .mamba2 import Mamba2Mixer
-    from .mamba2_layout import run_init_seed, with_cpu_seed
+    from .mamba2_layout import draw_slice, init_weights_requested, run_init_seed
 
+    if not init_weights_requested(config):
+        return
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     layers = model.decoder.layers
@@ -149,7 +187,11 @@ def layout_invariant_init(model: MambaModel, config: TransformerConfig) -> None:
             for p in module.parameters()}
     seed = run_init_seed(config)
     for name, param in model.named_parameters():
-        if id(param) in skip or param.dim() < 2 or param.is_meta:
+        if id(param) in skip or param.is_meta:
+            continue
+        if param.dim() < 2:
+            if name.endswith(".bias"):
+                param.zero_()
             continue
         full_shape = list(param.shape)
         split_dim = None
@@ -160,8 +202,13 @@ def layout_invariant_init(model: MambaModel, config: TransformerConfig) -> None:
         global_name = _global_name(name, layers)
         init = (config.output_layer_init_method if global_name.endswith(_SCALED_INIT_SUFFIXES)
                 else config.init_method)
-        full = with_cpu_seed(zlib.crc32(f"{seed}:{global_name}".encode()), init,
-                             torch.empty(full_shape, dtype=torch.float32))
-        if split_dim is not None:
-            full = torch.chunk(full, tp_size, dim=split_dim)[tp_rank]
-        param.copy_(full.to(param.dtype))
+        param_seed = zlib.crc32(f"{seed}:{global_name}".encode())
+        rows, cols = (0, full_shape[0]), None
+        if split_dim == 0:
+            rows = (tp_rank * param.shape[0], (tp_rank + 1) * param.shape[0])
+        elif split_dim == 1:
+            cols = (tp_rank * param.shape[1], (tp_rank + 1) * param.shape[1])
+        elif split_dim is not None:
+            raise ValueError(f"{name}: tensor-parallel split along dim {split_dim} is not "
+                             "supported by layout_invariant_init (only 0 and 1)")
+        param.copy_(draw_slice(param_seed, init, full_shape, [rows], cols=cols))

@@ -25,6 +25,8 @@ negative, ``B, C [b,l,g,n]``; both return ``(y [b,l,h,p], final_state [b,h,p,n])
     ssd_minimal's chunked state-passing algorithm; pads ``l`` up to a multiple of ``chunk_size``.
     ``seq_idx [b,l]``: document ids of packed sequences (state resets at each new document).
   - ``ssd_step(x, dt, A, B, C, state)`` one recurrence step (``x [b,h,p]`` ...) -> ``(y, state)``.
+  - ``ssd_final_state(x, dt, A, B, initial_state=None)`` (here, in mamba2.py): only the final
+    state, fp32; used beside the CUDA kernel.
 Conv and norm: ``causal_depthwise_conv1d``, ``conv_step``, ``gated_rms_norm``, ``GatedRMSNorm``.
 TP layout: ``Mamba2Sizes``, ``full_to_local_in_proj``/``local_to_full_in_proj``,
 ``full_to_local_conv``/``local_to_full_conv`` and the generic ``full_to_local``/``local_to_full``.
@@ -48,7 +50,9 @@ Module: ``Mamba2MixerSubmodules(in_proj, out_proj)`` and ``Mamba2Mixer`` with
     newest last, zero-padded, exactly as megatron's MambaMixer stores it.
 
 On CUDA, when ``causal_conv1d`` and ``mamba_ssm`` import, the full-sequence path uses their kernels
-(``causal_conv1d_fn``, ``mamba_chunk_scan_combined``); everything else is plain torch.
+(``causal_conv1d_fn``, ``mamba_chunk_scan_combined``); everything else is plain torch. The SSM
+state handed to a cache is fp32 on every path (the kernel's own final state is bf16 in bf16 runs,
+so that path computes it with ``ssd_final_state``), and ``step`` keeps it fp32.
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ from .mamba2_layout import (
     Mamba2Sizes,
     run_init_seed,
     init_full_parameters,
+    init_local_parameters,
+    init_weights_requested,
     local_parameters,
     split_sharded_tensor,
 )
@@ -104,6 +110,34 @@ def _cuda_kernels():
     except (ImportError, OSError):
         return None
     return causal_conv1d_fn, mamba_chunk_scan_combined
+
+
+def ssd_final_state(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    initial_state: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The SSM state after the last position, in fp32, without the outputs.
+
+    x [b,l,h,p], dt [b,l,h] (softplus'ed), A [h] (negative), B [b,l,g,n], initial_state
+    [b,h,p,n] or None -> state [b,h,p,n] fp32 (fp64 for fp64 inputs). Unrolling the recurrence
+    h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T gives
+
+        h_l = exp(sum_{t<=l} dt_t A) h_0 + sum_t exp(sum_{s>t} dt_s A) dt_t x_t B_t^T.
+
+    Used on the CUDA path, whose kernel returns its final state rounded to C's dtype. The decay
+    exponents are suffix sums accumulated from the end, so the terms that survive the decay (the
+    last positions, small sums) carry no cancellation error from the long prefix.
+    """
+    b, L, h, p = x.shape
+    g, n = B.shape[-2:]
+    ct = torch.promote_types(x.dtype, torch.float32)
+    a = dt.to(ct) * A.to(ct)                                    # [b,l,h] log-decay per step
+    suffix = a.flip(1).cumsum(1).flip(1)                        # sum_{s>=t} a_s
+    after = F.pad(suffix[:, 1:], (0, 0, 0, 1))                  # sum_{s>t} a_s (0 at the end)
+    weight = torch.exp(after) * dt.to(ct)                       # [b,l,h]
+    xw = (x.to(ct) * weight[..., None]).reshape(b, L, g, h // g, p)
+    state = torch.einsum("blgkp,blgn->bgkpn", xw, B.to(ct)).reshape(b, h, p, n)
+    if initial_state is not None:
+        state = state + torch.exp(suffix[:, 0])[:, :, None, None] * initial_state.to(ct)
+    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +204,8 @@ class Mamba2Mixer(MegatronModule):
 
     Built by MambaLayer as ``build_module(submodules.mixer, config, d_model=..., layer_number=...,
     pg_collection=..., pp_layer_offset=...)``. Sizes come from the config (``mamba_num_heads``,
-    ``mamba_head_dim``, ``mamba_num_groups``, ``mamba_state_dim``). The init seed is
+    ``mamba_head_dim``, ``mamba_num_groups``, ``mamba_state_dim``; the scan's chunk length from
+    ``mamba_chunk_size`` unless ``chunk_size`` is passed). The init seed is
     ``config.init_seed`` (set by the model builder to the run's --seed) or 1234.
     """
 
@@ -186,7 +221,7 @@ class Mamba2Mixer(MegatronModule):
         dt_max: float = 0.1,
         dt_init_floor: float = 1e-4,
         conv_bias: bool = True,
-        chunk_size: int = 128,
+        chunk_size: Optional[int] = None,
         layer_number: Optional[int] = None,
         pg_collection=None,
         pp_layer_offset: int = 0,
@@ -198,6 +233,8 @@ class Mamba2Mixer(MegatronModule):
         tp_size, tp_rank = self.tp_group.size(), self.tp_group.rank()
         nheads, head_dim = config.mamba_num_heads, config.mamba_head_dim
         ngroups, d_state = config.mamba_num_groups, config.mamba_state_dim
+        if chunk_size is None:  # MambaLayer passes none: --mamba-chunk-size, set by the builder
+            chunk_size = getattr(config, "mamba_chunk_size", 128)
         _validate(config, nheads, head_dim, ngroups, d_state, tp_size, chunk_size, d_conv, A_init_range)
 
         self.sizes = Mamba2Sizes(nheads=nheads, head_dim=head_dim, ngroups=ngroups, d_state=d_state)
@@ -251,18 +288,17 @@ class Mamba2Mixer(MegatronModule):
         """Copy this rank's slice of the full, seeded init into the parameters."""
         if self.in_proj.weight.is_meta:
             return
-        if not config.perform_initialization:
+        if not init_weights_requested(config):
             # Loading a checkpoint next: skip the big draws, keep the small params finite.
             self.dt_bias.fill_(math.log(math.expm1(0.01)))
             self.A_log.zero_()
             return
-        full = init_full_parameters(
-            self.sizes, self.d_model, d_conv=self.d_conv,
+        local = init_local_parameters(
+            self.sizes, self.d_model, tp_rank, tp_size, d_conv=self.d_conv,
             seed=run_init_seed(config),
             layer_number=self.layer_number or 1, init_method=config.init_method,
             output_layer_init_method=config.output_layer_init_method, **dist,
         )
-        local = local_parameters(full, tp_rank, tp_size, self.sizes)
         for name, param in self.named_parameters():
             if name in local:
                 param.copy_(local[name].to(param.dtype))
@@ -313,12 +349,21 @@ class Mamba2Mixer(MegatronModule):
         A = -torch.exp(self.A_log.float())
 
         if kernels is not None:
-            result = kernels[1](
+            # The kernel's own final state comes back in C's dtype (bf16 in bf16 runs): rounded
+            # once more than the torch path's, so cached decoding would continue from a state
+            # the training forward never had. Take only y from the kernel and compute the final
+            # state in fp32 beside it (prefill only; one O(l) contraction).
+            y = kernels[1](
                 x.contiguous(), dt.contiguous(), A, B.contiguous(), C.contiguous(), self.chunk_size,
                 D=self.D, z=None, dt_bias=self.dt_bias.float(), dt_softplus=True,
-                initial_states=ssm_state, return_final_states=want_state,
+                initial_states=None if ssm_state is None else ssm_state.float(),
+                return_final_states=False,
                 seq_idx=None if seq_idx is None else seq_idx.to(torch.int32).contiguous())
-            y, new_ssm_state = result if want_state else (result, None)
+            new_ssm_state = None
+            if want_state:
+                assert seq_idx is None  # forward_with_state never packs documents
+                new_ssm_state = ssd_final_state(
+                    x, F.softplus(dt.float() + self.dt_bias.float()), A, B, ssm_state)
         else:
             dt = F.softplus(dt.float() + self.dt_bias.float())
             y, new_ssm_state = ssd_scan_chunked(x, dt, A, B, C, self.chunk_size, D=self.D,
@@ -381,7 +426,9 @@ class Mamba2Mixer(MegatronModule):
         y = self.norm(y.reshape(b, self.d_inner_local_tp).to(z.dtype)[None], z[None])
         out, bias = self.out_proj(y)
         out = self._fold_bias(out, bias)
-        return (out[0] if squeeze else out), conv_state, new_ssm.to(ssm_state.dtype)
+        # ssd_step computes in fp32 (fp64 for an fp64 model) and new_ssm stays so: casting it
+        # back to a low-precision input state would round the recurrence at every token.
+        return (out[0] if squeeze else out), conv_state, new_ssm
 
     def _static_inference(self, hidden_states, ctx):
         """megatron StaticInferenceContext: states live in ctx.key_value_memory_dict[layer_number]

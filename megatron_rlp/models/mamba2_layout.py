@@ -1,8 +1,10 @@
 """Tensor-parallel layout, initialisation and checkpoint splitting of the Mamba2 mixer's parameters.
 
 Every component of `in_proj` (z, x, B, C, dt) and of `conv1d` (x, B, C) is split evenly across TP
-ranks and a rank holds its slice of each, so full tensors are drawn once (seeded by seed, global
-layer and component) and sliced: initialisation is identical for every TP/PP layout.
+ranks and a rank holds its slice of each. Init is defined as full tensors drawn once (seeded by
+seed, global layer and component) and sliced, so it is identical for every TP/PP layout; a rank
+draws only its own elements of them, bit-identically, where torch's generator stream allows it
+(`draw_slice`).
 """
 
 from __future__ import annotations
@@ -103,6 +105,17 @@ def run_init_seed(config) -> int:
     return DEFAULT_INIT_SEED if seed is None else int(seed)
 
 
+def init_weights_requested(config) -> bool:
+    """Whether our seeded init runs: ``config.init_weights`` as attached by the model builder,
+    else megatron's ``perform_initialization`` (configs built elsewhere, e.g. in tests).
+
+    The builder keeps ``perform_initialization`` off so megatron never draws the weights that
+    this init overwrites; ``init_weights`` is our own switch (off when a checkpoint is loaded
+    right after the build)."""
+    flag = getattr(config, "init_weights", None)
+    return bool(config.perform_initialization if flag is None else flag)
+
+
 def with_cpu_seed(seed: int, init_fn: Callable[[torch.Tensor], object], tensor: torch.Tensor):
     """Run a megatron ``init_method`` (which draws from the global CPU generator) on ``tensor``
     with the generator temporarily reseeded; the caller's RNG state is restored after."""
@@ -113,6 +126,118 @@ def with_cpu_seed(seed: int, init_fn: Callable[[torch.Tensor], object], tensor: 
     finally:
         torch.set_rng_state(state)
     return tensor
+
+
+# Drawing part of a tensor. torch's CPU `normal_` on a contiguous fp32 tensor of n >= 16 elements
+# first fills all n with uniforms, one 32-bit draw of the generator each, then maps each aligned
+# block of 16 through Box-Muller (and redraws the last 16 if n % 16 != 0). So elements [a, b) of a
+# full draw equal a draw of b - a elements after skipping a draws, whenever a, b and n are
+# multiples of 16. A rank therefore draws only its own elements, row by row for a dim-1 split,
+# and skips the others' at the price of 32-bit integers (~half the cost of a normal, measured),
+# never holding the full tensor (whose page faults alone can cost more than the draw).
+# `_direct_draws_are_exact` checks this property of the installed torch once; if it fails
+# (another torch), or for another init method, the full tensor is drawn and sliced.
+
+PARTIAL_DRAWS = True
+"""Set False to always draw full tensors and slice them (benchmarks/init_12b_rank.py compares)."""
+
+_SKIP_BLOCK = 1 << 22
+
+
+def _skip_draws(count: int, buf: torch.Tensor) -> None:
+    """Advance the global CPU generator by ``count`` 32-bit draws (as ``count`` fp32 uniforms
+    would): uint8 ``random_`` takes one draw per element and is the cheapest way to spend them."""
+    while count > 0:
+        n = min(count, buf.numel())
+        buf[:n].random_()
+        count -= n
+
+
+def _segments(full_shape, row_ranges, cols):
+    """The wanted elements as [start, stop) ranges of the flattened full tensor, in order."""
+    row_elems = math.prod(full_shape[1:])
+    if cols is None:
+        return [(start * row_elems, stop * row_elems) for start, stop in row_ranges]
+    width = full_shape[1]
+    return [(row * width + cols[0], row * width + cols[1])
+            for start, stop in row_ranges for row in range(start, stop)]
+
+
+def _draw_directly(seed, init_fn, full_shape, row_ranges, cols) -> torch.Tensor:
+    rows = sum(stop - start for start, stop in row_ranges)
+    shape = (rows, *full_shape[1:]) if cols is None else (rows, cols[1] - cols[0])
+    out = torch.empty(shape, dtype=torch.float32)
+    flat = out.view(-1)
+    skip = None
+    state = torch.get_rng_state()
+    try:
+        torch.default_generator.manual_seed(seed)
+        at = drawn = 0
+        for start, stop in _segments(full_shape, row_ranges, cols):
+            if start > drawn:
+                if skip is None:
+                    skip = torch.empty(_SKIP_BLOCK, dtype=torch.uint8)
+                _skip_draws(start - drawn, skip)
+            init_fn(flat[at:at + stop - start])
+            at, drawn = at + stop - start, stop
+    finally:
+        torch.set_rng_state(state)
+    return out
+
+
+def _draw_full(seed, init_fn, full_shape, row_ranges, cols) -> torch.Tensor:
+    full = with_cpu_seed(seed, init_fn, torch.empty(full_shape, dtype=torch.float32))
+    if not (len(row_ranges) == 1 and tuple(row_ranges[0]) == (0, full_shape[0])):
+        full = torch.cat([full[start:stop] for start, stop in row_ranges])
+    return full if cols is None else full[:, cols[0]:cols[1]].contiguous()
+
+
+@functools.lru_cache(maxsize=None)
+def _direct_draws_are_exact() -> bool:
+    """Does this torch's CPU normal_ stream have the prefix property described above?"""
+    init = functools.partial(nn.init.normal_, mean=0.0, std=1.0)
+    shape, ranges = (40, 48), [(4, 9), (20, 31)]
+    return all(torch.equal(_draw_directly(11, init, shape, ranges, cols),
+                           _draw_full(11, init, shape, ranges, cols))
+               for cols in (None, (16, 32)))
+
+
+def _is_plain_normal(init_fn) -> bool:
+    return (isinstance(init_fn, functools.partial) and init_fn.func is nn.init.normal_
+            and not init_fn.args and set(init_fn.keywords) <= {"mean", "std"})
+
+
+def draw_slice(seed: int, init_fn: Callable, full_shape: Sequence[int],
+              row_ranges: Sequence[Sequence[int]], cols: Optional[Sequence[int]] = None
+              ) -> torch.Tensor:
+    """Rows ``[start, stop)`` for each range (increasing, disjoint), and of a 2-D tensor only the
+    columns ``cols = (first, stop)`` if given, of the fp32 tensor
+    ``with_cpu_seed(seed, init_fn, torch.empty(full_shape))``, rows concatenated along dim 0.
+
+    Bit-identical to drawing the full tensor; draws only the wanted elements (skipping the rest
+    of the stream) and never holds the full tensor when ``init_fn`` is a plain
+    ``nn.init.normal_`` (megatron's ``init_method_normal``) and every boundary falls on a
+    multiple of 16 elements of the flattened tensor."""
+    full_shape = tuple(int(d) for d in full_shape)
+    row_elems, total = math.prod(full_shape[1:]), math.prod(full_shape)
+    bounds = [int(b) for r in row_ranges for b in r]
+    if cols is not None:
+        if len(full_shape) != 2 or not 0 <= cols[0] < cols[1] <= full_shape[1]:
+            raise ValueError(f"cols={tuple(cols)} must be a column range of a 2-D shape, "
+                             f"got shape {full_shape}")
+        cols = (int(cols[0]), int(cols[1]))
+    if bounds != sorted(bounds) or bounds[0] < 0 or bounds[-1] > full_shape[0] or any(
+            start >= stop for start, stop in row_ranges):
+        raise ValueError(f"row_ranges={list(row_ranges)} must be increasing, disjoint, non-empty "
+                         f"ranges of the {full_shape[0]} rows")
+    if cols == (0, full_shape[-1]):
+        cols = None
+    aligned = (all(b * row_elems % 16 == 0 for b in bounds) if cols is None
+               else full_shape[1] % 16 == 0 and cols[0] % 16 == 0 and cols[1] % 16 == 0)
+    direct = PARTIAL_DRAWS and _is_plain_normal(init_fn) and total % 16 == 0 and aligned
+    if direct and _direct_draws_are_exact():
+        return _draw_directly(seed, init_fn, full_shape, row_ranges, cols)
+    return _draw_full(seed, init_fn, full_shape, row_ranges, cols)
 
 
 def init_full_parameters(
@@ -128,6 +253,38 @@ def init_full_parameters(
     U(-conv_init, conv_init), conv bias nn.Conv1d's default U(-1/sqrt(d_conv), ...), dt log-uniform
     in [dt_min, dt_max] clamped at dt_init_floor with dt_bias = softplus^-1(dt), A ~ U(A_init_range).
     """
+    return _init_parameters(
+        sizes, d_model, [(0, sum(sizes.in_proj_sections()))], d_conv=d_conv, seed=seed,
+        layer_number=layer_number, init_method=init_method,
+        output_layer_init_method=output_layer_init_method, conv_init=conv_init,
+        A_init_range=A_init_range, dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor)
+
+
+def init_local_parameters(sizes: Mamba2Sizes, d_model: int, tp_rank: int, tp_size: int,
+                          **init_kwargs) -> dict:
+    """``local_parameters(init_full_parameters(sizes, d_model, **init_kwargs), tp_rank, tp_size,
+    sizes)`` bit for bit, drawing only this rank's rows of in_proj (the mixer's largest tensor:
+    one slice per component) and keeping only its columns of out_proj (see `draw_slice`)."""
+    rows, start = [], 0
+    for size in sizes.in_proj_sections():
+        per_rank = size // tp_size
+        rows.append((start + tp_rank * per_rank, start + (tp_rank + 1) * per_rank))
+        start += size
+    per_rank = sizes.d_inner // tp_size
+    cols = (tp_rank * per_rank, (tp_rank + 1) * per_rank)
+    full = _init_parameters(sizes, d_model, rows, out_proj_cols=cols, **init_kwargs)
+    local = {name: full.pop(name) for name in ("in_proj.weight", "out_proj.weight")}  # sliced
+    return {**local, **local_parameters(full, tp_rank, tp_size, sizes)}
+
+
+def _init_parameters(
+    sizes: Mamba2Sizes, d_model: int, in_proj_rows, *, out_proj_cols=None, d_conv: int = 4,
+    seed: int = DEFAULT_INIT_SEED, layer_number: int = 1, init_method: Optional[Callable] = None,
+    output_layer_init_method: Optional[Callable] = None, conv_init: Optional[float] = None,
+    A_init_range=(1, 16), dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4,
+) -> dict:
+    """`init_full_parameters`, with ``in_proj.weight`` holding only the rows ``in_proj_rows`` and
+    ``out_proj.weight`` only the columns ``out_proj_cols`` (None: all)."""
     default_init = functools.partial(nn.init.normal_, mean=0.0, std=0.02)
     init_method = init_method or default_init
     output_layer_init_method = output_layer_init_method or default_init
@@ -136,10 +293,10 @@ def init_full_parameters(
         return torch.Generator().manual_seed(_component_seed(seed, layer_number, component))
 
     conv_dim = sum(sizes.conv_sections())
-    in_proj = with_cpu_seed(_component_seed(seed, layer_number, "in_proj"), init_method,
-                             torch.empty(sum(sizes.in_proj_sections()), d_model))
-    out_proj = with_cpu_seed(_component_seed(seed, layer_number, "out_proj"),
-                              output_layer_init_method, torch.empty(d_model, sizes.d_inner))
+    in_proj = draw_slice(_component_seed(seed, layer_number, "in_proj"), init_method,
+                        (sum(sizes.in_proj_sections()), d_model), in_proj_rows)
+    out_proj = draw_slice(_component_seed(seed, layer_number, "out_proj"), output_layer_init_method,
+                         (d_model, sizes.d_inner), [(0, d_model)], cols=out_proj_cols)
     bound = conv_init if conv_init is not None else 1.0 / math.sqrt(d_conv)
     conv_weight = torch.empty(conv_dim, 1, d_conv).uniform_(-bound, bound, generator=gen("conv_weight"))
     bias_bound = 1.0 / math.sqrt(d_conv)
@@ -156,18 +313,20 @@ def init_full_parameters(
 
 
 def local_parameters(full: dict, tp_rank: int, tp_size: int, sizes: Mamba2Sizes) -> dict:
-    """Slice ``init_full_parameters``' output (or any full state dict of one mixer) for a rank."""
+    """Slice ``init_full_parameters``' output (or any full state dict of one mixer, or part of
+    one) for a rank."""
     heads = [sizes.nheads]
-    return {
-        "in_proj.weight": full_to_local_in_proj(full["in_proj.weight"], tp_rank, tp_size, sizes),
-        "out_proj.weight": full_to_local(full["out_proj.weight"], tp_rank, tp_size, [sizes.d_inner], dim=1),
-        "conv1d.weight": full_to_local_conv(full["conv1d.weight"], tp_rank, tp_size, sizes),
-        "conv1d.bias": full_to_local_conv(full["conv1d.bias"], tp_rank, tp_size, sizes),
-        "dt_bias": full_to_local(full["dt_bias"], tp_rank, tp_size, heads),
-        "A_log": full_to_local(full["A_log"], tp_rank, tp_size, heads),
-        "D": full_to_local(full["D"], tp_rank, tp_size, heads),
-        "norm.weight": full_to_local(full["norm.weight"], tp_rank, tp_size, [sizes.d_inner]),
+    slicers = {
+        "in_proj.weight": lambda t: full_to_local_in_proj(t, tp_rank, tp_size, sizes),
+        "out_proj.weight": lambda t: full_to_local(t, tp_rank, tp_size, [sizes.d_inner], dim=1),
+        "conv1d.weight": lambda t: full_to_local_conv(t, tp_rank, tp_size, sizes),
+        "conv1d.bias": lambda t: full_to_local_conv(t, tp_rank, tp_size, sizes),
+        "dt_bias": lambda t: full_to_local(t, tp_rank, tp_size, heads),
+        "A_log": lambda t: full_to_local(t, tp_rank, tp_size, heads),
+        "D": lambda t: full_to_local(t, tp_rank, tp_size, heads),
+        "norm.weight": lambda t: full_to_local(t, tp_rank, tp_size, [sizes.d_inner]),
     }
+    return {name: slicers[name](tensor) for name, tensor in full.items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,25 +8,26 @@ swap them without copying the tree.
 from __future__ import annotations
 
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
 from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from .attention import SDPACoreAttention
 from .mamba2 import Mamba2Mixer, Mamba2MixerSubmodules
 from .norm import RMSNorm
+from .stack import HybridStack, HybridStackSubmodules
 
 
 def hybrid_stack_spec(column_linear=ColumnParallelLinear, row_linear=RowParallelLinear,
                       norm=RMSNorm, mixer=Mamba2Mixer) -> ModuleSpec:
     """MambaStack spec: `M` = norm → Mamba2 mixer, `*` = norm → GQA self-attention (no RoPE),
-    `-` = norm → squared-ReLU MLP; every sublayer adds its output to the residual stream."""
+    `-` = norm → squared-ReLU MLP; every sublayer adds its output to the residual stream; the final
+    norm is `norm` too (see stack.py)."""
     mamba_layer = ModuleSpec(
         module=MambaLayer,
         submodules=MambaLayerSubmodules(
@@ -45,7 +46,7 @@ def hybrid_stack_spec(column_linear=ColumnParallelLinear, row_linear=RowParallel
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=column_linear,
-                    core_attention=DotProductAttention,
+                    core_attention=SDPACoreAttention,  # fused SDPA: no [s, s] scores
                     linear_proj=row_linear,
                 ),
             ),
@@ -62,7 +63,8 @@ def hybrid_stack_spec(column_linear=ColumnParallelLinear, row_linear=RowParallel
         ),
     )
     return ModuleSpec(
-        module=MambaStack,
-        submodules=MambaStackSubmodules(
-            mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer),
+        module=HybridStack,
+        submodules=HybridStackSubmodules(
+            mamba_layer=mamba_layer, attention_layer=attention_layer, mlp_layer=mlp_layer,
+            final_norm=norm),
     )

@@ -95,10 +95,12 @@ class RLPStage:
         self.model_chunks = model_chunks
         self.decoder = CachedDecoder(model_chunks[0], tokenizer.vocab_size)
         fp32_cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, bf16=False))
-        # The teacher sits beside the student (same device, same TP shard), in fp32.
+        # The teacher sits beside the student (same device, same TP shard), in fp32; its weights
+        # come from the student or a checkpoint, never from an init of its own.
         student_device = device.model_device(model_chunks[0])
         self.teacher = EMATeacher(
-            lambda: build_model(fp32_cfg, tokenizer.vocab_size).to(student_device),
+            lambda: build_model(fp32_cfg, tokenizer.vocab_size,
+                                init_weights=False).to(student_device),
             self.rcfg.rlp_ema_decay)
         self.pre, self.post = split_template(self.rcfg.rlp_prompt_template, tokenizer)
         self.token_bytes = token_bytes_table(tokenizer) if self.rcfg.rlp_reward == "rpt" else None
