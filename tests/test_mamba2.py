@@ -405,20 +405,21 @@ def test_bad_mixer_configuration_is_rejected(tp1, cfg, tp, chunk, message):
         make_mixer(make_config(**cfg), chunk_size=chunk, pg_collection=pg)
 
 
-def test_mamba_chunk_size_flag_reaches_the_mixer(tp1):
-    """MambaLayer builds the mixer without `chunk_size`: it must come from --mamba-chunk-size
-    (via the model builder's TransformerConfig), not a built-in default."""
+def test_mamba_chunk_size_and_conv_kernel_flags_reach_the_mixer(tp1):
+    """MambaLayer builds the mixer without `chunk_size` or `d_conv`: they must come from
+    --mamba-chunk-size / --mamba-conv-kernel (via the builder's TransformerConfig)."""
     from megatron_rlp.config import config_from_dict
     from megatron_rlp.models.hybrid import transformer_config
 
     cfg = config_from_dict(dict(num_layers=2, hybrid_override_pattern="M-", hidden_size=D_MODEL,
                                 ffn_hidden_size=64, num_attention_heads=4, mamba_num_heads=4,
                                 mamba_head_dim=8, mamba_num_groups=2, mamba_state_dim=8,
-                                mamba_chunk_size=32))
+                                mamba_chunk_size=32, mamba_conv_kernel=3))
     m = Mamba2Mixer(transformer_config(cfg),
                     Mamba2MixerSubmodules(ColumnParallelLinear, RowParallelLinear),
                     d_model=D_MODEL, layer_number=1)
     assert m.chunk_size == 32
+    assert m.d_conv == 3 and m.conv1d.weight.shape[-1] == 3
     assert make_mixer(chunk_size=8).chunk_size == 8  # an explicit argument still wins
 
 

@@ -214,7 +214,7 @@ class Mamba2Mixer(MegatronModule):
         config: TransformerConfig,
         submodules: Mamba2MixerSubmodules,
         d_model: int,
-        d_conv: int = 4,
+        d_conv: Optional[int] = None,
         conv_init: Optional[float] = None,
         A_init_range=(1, 16),
         dt_min: float = 0.001,
@@ -235,6 +235,8 @@ class Mamba2Mixer(MegatronModule):
         ngroups, d_state = config.mamba_num_groups, config.mamba_state_dim
         if chunk_size is None:  # MambaLayer passes none: --mamba-chunk-size, set by the builder
             chunk_size = getattr(config, "mamba_chunk_size", 128)
+        if d_conv is None:  # likewise --mamba-conv-kernel
+            d_conv = getattr(config, "mamba_conv_kernel", 4)
         _validate(config, nheads, head_dim, ngroups, d_state, tp_size, chunk_size, d_conv, A_init_range)
 
         self.sizes = Mamba2Sizes(nheads=nheads, head_dim=head_dim, ngroups=ngroups, d_state=d_state)
