@@ -42,6 +42,16 @@ def embedded_dir(tmp_path_factory):
 
 
 @pytest.fixture
+def run_copy(saved_run, tmp_path):
+    """A private copy of the module's `saved_run` directory (a test may damage it)."""
+    import shutil
+
+    copy = str(tmp_path / "run")
+    shutil.copytree(saved_run, copy)
+    return copy
+
+
+@pytest.fixture
 def tiny_flags(embedded_dir):
     return TINY_MODEL_FLAGS + ["--embedded-data-dir", embedded_dir]
 

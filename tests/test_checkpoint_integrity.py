@@ -37,13 +37,6 @@ def saved_run(flags, tmp_path_factory):
     return save
 
 
-@pytest.fixture
-def run_copy(saved_run, tmp_path):
-    copy = str(tmp_path / "run")
-    shutil.copytree(saved_run, copy)
-    return copy
-
-
 def _error_lines(result):
     """stderr lines that are ours (megatron's import warnings are not)."""
     return [line for line in result.stderr.splitlines() if "error:" in line]

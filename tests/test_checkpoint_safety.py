@@ -10,7 +10,6 @@ import io
 import os
 import pickle
 import shlex
-import shutil
 import subprocess
 import sys
 
@@ -41,13 +40,6 @@ def saved_run(embedded_dir, tmp_path_factory):
                                          "--train-iters", "2", "--save", save])
     assert result.returncode == 0, result.stderr[-2000:]
     return save
-
-
-@pytest.fixture
-def run_copy(saved_run, tmp_path):
-    copy = str(tmp_path / "run")
-    shutil.copytree(saved_run, copy)
-    return copy
 
 
 # --------------------------------------------------------------------------- planting payloads

@@ -80,10 +80,8 @@ from megatron.core.transformer.utils import (
 from .mamba2_layout import (
     Mamba2Sizes,
     run_init_seed,
-    init_full_parameters,
     init_local_parameters,
     init_weights_requested,
-    local_parameters,
     split_sharded_tensor,
 )
 from .ssd import (

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_rlp import device
 from megatron_rlp.training import manifest, safe_load, save_dir
+from megatron_rlp.training.dcp_errors import failure_chain
 from megatron_rlp.training.save_dir import LATEST_FILE, checkpoint_dir, fallback_hint
 
 FORMAT_VERSION = 1
@@ -324,22 +325,14 @@ def _os_error_in(error: BaseException) -> Optional[OSError]:
     CheckpointException (which wraps whatever a writer raised). DCP sends failures between
     ranks pickled, which drops `__cause__`: megatron's writer then leaves only the text
     "Worker failure: [Errno 28] No space left on device: '<path>'", so that is parsed too."""
-    seen, todo, from_text = set(), [error], None
-    while todo:
-        current = todo.pop(0)
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+    from_text = None
+    # `raise ... from None` disowns its context: an OSError there is not what failed.
+    for current in failure_chain(error, suppressed_context=False):
         if isinstance(current, OSError):
             return current
         match = _ERRNO_TEXT.search(str(current)) if isinstance(current, RuntimeError) else None
         if match and from_text is None:
             from_text = OSError(int(match.group(1)), match.group(2), match.group(3))
-        if isinstance(current, CheckpointException):
-            todo.extend(failure[0] for failure in current.failures.values())
-        todo.append(current.__cause__)
-        if not current.__suppress_context__:  # `raise ... from None` disowns its context
-            todo.append(current.__context__)
     return from_text
 
 

@@ -345,22 +345,11 @@ def _first_refusal(error: BaseException, recorded: list) -> Optional[CheckpointR
     `CheckpointException` (a BaseException) holding every rank's failure, and after a failed
     `.metadata` read it retries a per-rank file and raises an AssertionError instead, so look in
     what this rank recorded first, then in the other ranks' failures and the cause chain."""
-    from torch.distributed.checkpoint.api import CheckpointException
+    from megatron_rlp.training.dcp_errors import failure_chain
 
     if recorded:
         return recorded[0]
-    seen, todo = set(), [error]
-    while todo:
-        current = todo.pop(0)
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, CheckpointReadError):
-            return current
-        if isinstance(current, CheckpointException):
-            todo.extend(failure[0] for failure in current.failures.values())
-        todo.extend((current.__cause__, current.__context__))
-    return None
+    return next((e for e in failure_chain(error) if isinstance(e, CheckpointReadError)), None)
 
 
 @contextlib.contextmanager
