@@ -34,12 +34,13 @@ import contextlib
 import gc
 import json
 import os
-import resource
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from hf_export import peak_rss_bytes  # noqa: E402  (this script's folder is on sys.path)
 
 KIND_SYMBOLS = {"mamba": "M", "attention": "*", "mlp": "-"}
 
@@ -51,17 +52,6 @@ def _reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
-
-
-def _peak_rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @contextlib.contextmanager
@@ -107,7 +97,7 @@ def timed_build(values: dict, vocab: int, pattern: str, with_ends: bool, previou
         with previous_path(previous):
             model = build_model(cfg, vocab, pre_process=with_ends, post_process=with_ends)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        peak = _peak_rss_bytes()
+        peak = peak_rss_bytes()
         # matrices drawn from normal streams (conv1d weights are 3-D uniforms, norms ones)
         local = sum(p.numel() for p in model.parameters() if p.dim() == 2)
         full = sum(p.numel() * (tp if getattr(p, "tensor_model_parallel", False) else 1)

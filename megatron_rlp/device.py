@@ -121,6 +121,12 @@ def all_gather_object(obj: Any, group=None) -> list:
     return out
 
 
+def first_problem(problem: str, group=None) -> str:
+    """The first non-empty message any rank of `group` passed ("" if none), on every rank, so
+    that all ranks raise the same one-line error together and none waits in a collective."""
+    return next((p for p in all_gather_object(problem, group) if p), "")
+
+
 def barrier(group=None) -> None:
     if is_distributed(group):
         # nccl's barrier needs to know the device; torch infers it from the current device.

@@ -128,6 +128,7 @@ def build_run(cfg: RunConfig) -> Run:
     locked for this run from here on (released by `run_training`, or now if building fails)."""
     from megatron_rlp.data.tokenizer import build_tokenizer
     from megatron_rlp.training.distributed import init_distributed
+    from megatron_rlp.device import barrier
     from megatron_rlp.training.run_lock import lock_save_dir
 
     check_save_dir(cfg.checkpoint.save)
@@ -140,6 +141,8 @@ def build_run(cfg: RunConfig) -> Run:
 
             for note in recover_interrupted_saves(cfg.checkpoint.save):
                 print(f"note: {note}", flush=True)
+        # No rank may read --save (e.g. `latest` for --load == --save) while rank 0 repairs it.
+        barrier()
         return _assemble_run(cfg, tokenizer, lock)
     except BaseException:
         if lock is not None:

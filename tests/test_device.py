@@ -88,3 +88,7 @@ def test_loaded_models_are_built_on_the_device_asked_for(world_of_one):
     assert {p.device.type for p in model.parameters()} == {"meta"}
     model, _ = build_single_process_model(config_from_dict(TINY))  # default: compute_device()
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_first_problem_without_a_world_is_this_ranks_own():
+    assert device.first_problem("") == "" and device.first_problem("disk full") == "disk full"

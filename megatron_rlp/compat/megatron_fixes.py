@@ -12,8 +12,9 @@ from .cpu import _require
 
 def patch_distributed_optimizer_step() -> None:
     """Without TE/Apex (always on CPU, and on GPU hosts without them) megatron uses torch's AdamW,
-    whose state has a per-param `step`. `DistributedOptimizer.load_parameter_state_from_fully_reshardable`
-    (optimizer/distrib_optimizer.py) skips `step` in the loaded tensors, then
+    whose state has a per-param `step`.
+    `DistributedOptimizer.load_parameter_state_from_fully_reshardable` (optimizer/
+    distrib_optimizer.py) skips `step` in the loaded tensors, then
     `_set_main_param_and_optimizer_states` copies every key of the param's state from them:
     `KeyError: 'step'`. `step` was already restored from the param groups by `load_state_dict`,
     so keep it as is."""

@@ -18,8 +18,8 @@ model.safetensors.index.json), tokenizer.json, tokenizer_config.json, special_to
 megatron_rlp.json (our run config, so `--from-hf` restores the exact training config).
 
 Overwrites are build-aside-then-swap: everything is written to a hidden sibling directory
-(`.NAME.export-PID.tmp`), and only a complete export replaces `save` (old directory renamed aside,
-new one renamed in, old one deleted). A failed or killed export therefore leaves the previous
+(`.NAME.export-PID.tmp`), and only a complete export replaces `save` (swapped in atomically where
+the file system can, else old directory renamed aside, new one renamed in, old one deleted). A failed or killed export therefore leaves the previous
 model untouched (a killed one also leaves its `.tmp` sibling, safe to delete), and `--overwrite`
 replaces the whole directory, so no file of the old model (a stale `pytorch_model.bin`, an old
 shard) survives. A directory holding a training checkpoint (`latest`, `iter_*`) is never an export
@@ -89,30 +89,22 @@ def check_output_dir(save: str, overwrite: bool) -> None:
 @contextlib.contextmanager
 def staged_output_dir(save: str):
     """Yield a fresh sibling directory to write the export into; on success it replaces `save`
-    (old one renamed aside, new one renamed in, old one deleted), on failure it is removed."""
+    the way a checkpoint re-save replaces its directory (`save_dir.swap_in`: never delete-then-
+    write), on failure it is removed."""
+    from megatron_rlp.training.save_dir import swap_in
+
     final = os.path.realpath(save)  # a symlinked --save: replace what it points at
     parent, name = os.path.split(final)
     os.makedirs(parent, exist_ok=True)
     staging = os.path.join(parent, f".{name}.export-{os.getpid()}.tmp")
-    aside = os.path.join(parent, f".{name}.replaced-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)  # left by an earlier killed run with our pid
     os.makedirs(staging)
     try:
         yield staging
-        had_old = os.path.isdir(final)
-        if had_old:
-            os.replace(final, aside)
-        try:
-            os.replace(staging, final)
-        except BaseException:
-            if had_old:  # put the old export back rather than leave no directory at all
-                os.replace(aside, final)
-            raise
+        swap_in(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if had_old:
-        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _write_json(save: str, name: str, obj) -> None:

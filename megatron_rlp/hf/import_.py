@@ -239,6 +239,7 @@ def save_weights_checkpoint(model: torch.nn.Module, flat_config: dict, save: str
     from megatron.core import dist_checkpointing
 
     from megatron_rlp.training import checkpoint as ckpt
+    from megatron_rlp.training import manifest, save_dir
 
     final_dir = ckpt.checkpoint_dir(save, iteration)
     tmp_dir = final_dir + ".tmp"
@@ -253,13 +254,9 @@ def save_weights_checkpoint(model: torch.nn.Module, flat_config: dict, save: str
 
     dist_checkpointing.save(state, tmp_dir, sharded_strategy=InProcessSaveStrategy(),
                             validate_access_integrity=True)
-    if os.path.exists(final_dir):
-        shutil.rmtree(final_dir)
-    os.replace(tmp_dir, final_dir)
-    latest_tmp = os.path.join(save, ckpt.LATEST_FILE + ".tmp")
-    with open(latest_tmp, "w") as f:
-        f.write(f"{iteration}\n")
-    os.replace(latest_tmp, os.path.join(save, ckpt.LATEST_FILE))
+    # As the trainer finishes a save: manifest, swap into place (never delete-then-write), latest.
+    files = manifest.describe_files(tmp_dir, manifest.list_files(tmp_dir))
+    save_dir.publish(save, iteration, files)
     return final_dir
 
 

@@ -104,7 +104,7 @@ def verify_checkpoint(load: str, iteration: int, hashes: bool = True) -> bool:
             problem = manifest.hash_problem(ckpt_dir, files, share) or ""
     except (ValueError, OSError) as error:
         problem = str(error)
-    problem = _first_problem(problem)
+    problem = device.first_problem(problem)
     if problem:
         raise ValueError(f"checkpoint {ckpt_dir} is damaged: {problem}"
                          + fallback_hint(load, iteration))
@@ -163,11 +163,6 @@ def _rank() -> int:
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _first_problem(problem: str) -> str:
-    """The first non-empty problem of any rank, on every rank (so all ranks raise together)."""
-    return next((p for p in device.all_gather_object(problem) if p), "")
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -270,12 +265,8 @@ def save_checkpoint(save: str, iteration: int, model: List[torch.nn.Module], opt
     files = {name: entry for share in device.all_gather_object(mine)
              for name, entry in share.items()}
 
-    def publish():
-        manifest.write_manifest(tmp_dir, files)
-        save_dir.swap_in(tmp_dir, final_dir)
-        save_dir.write_latest(save, iteration)
-
-    _save_step(publish if _rank() == 0 else None, save, final_dir)
+    _save_step((lambda: save_dir.publish(save, iteration, files)) if _rank() == 0 else None,
+               save, final_dir)
     return final_dir
 
 
@@ -291,7 +282,7 @@ def _save_step(step, save: str, final_dir: str) -> None:
             if os_error is None:
                 raise
             problem = _describe_os_error(os_error, save)
-    problem = _first_problem(problem)
+    problem = device.first_problem(problem)
     if not problem:
         return
     if _rank() == 0:
@@ -453,8 +444,7 @@ def _check_model_shapes(ckpt_dir: str, state: dict) -> dict:
         elif tuple(saved[value.key].global_shape) != tuple(value.global_shape):
             problem = (f"{value.key} has shape {tuple(saved[value.key].global_shape)} there but "
                        f"{tuple(value.global_shape)} in this model")
-    problems = device.all_gather_object(problem)
-    first = next((p for p in problems if p), "")
+    first = device.first_problem(problem)
     if first.startswith("cannot read: "):
         raise ValueError(first[len("cannot read: "):])
     if first:
@@ -475,10 +465,11 @@ def _ensure_adam_state(optimizer) -> None:
 
     Only torch's optimizers (megatron's choice without TE/Apex, on CPU *and* GPU hosts) need
     this: TE's FusedAdam keeps `step` per param group and rejects a per-param `step`, and
-    megatron fills its state itself. Without TE/Apex, megatron 0.16.1's `DistributedOptimizer.state_dict()` reads `step` from every
-    param's torch state (`assert len(steps) == 1` fails on a fresh optimizer: no state at all),
-    and its `_init_optimizer_states_with_dummy_values` would take an AdamW step (weight decay
-    moves the weights). Zero state is what torch would create; the load overwrites all of it."""
+    megatron fills its state itself. Without TE/Apex, megatron 0.16.1's
+    `DistributedOptimizer.state_dict()` reads `step` from every param's torch state
+    (`assert len(steps) == 1` fails on a fresh optimizer: no state at all), and its
+    `_init_optimizer_states_with_dummy_values` would take an AdamW step (weight decay moves the
+    weights). Zero state is what torch would create; the load overwrites all of it."""
     for inner in _torch_optimizers(optimizer):
         if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             continue

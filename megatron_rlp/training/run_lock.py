@@ -121,7 +121,7 @@ def lock_save_dir(save: Optional[str]) -> Optional[RunLock]:
             lock.acquire()
         except ValueError as error:
             problem = str(error)
-    first = next((p for p in device.all_gather_object(problem) if p), "")
+    first = device.first_problem(problem)
     if first:
         raise ValueError(first)
     return lock

@@ -127,6 +127,15 @@ def swap_in(tmp_dir: str, final_dir: str) -> None:
     shutil.rmtree(aside)
 
 
+def publish(save: str, iteration: int, files: dict) -> None:
+    """Finish a save written into `<iter dir>.tmp`: its manifest (`files`, from
+    `manifest.describe_files`), the swap into place, then `latest`. Rank 0 only."""
+    final_dir = checkpoint_dir(save, iteration)
+    manifest.write_manifest(final_dir + ".tmp", files)
+    swap_in(final_dir + ".tmp", final_dir)
+    write_latest(save, iteration)
+
+
 def recover_interrupted_saves(save: str) -> List[str]:
     """Undo what a save killed half-way leaves behind; returns one note per action. Call only
     while holding the directory's run lock (another live run's `.tmp` is not a leftover)."""
