@@ -24,8 +24,12 @@ python -m megatron_rlp.train --config examples/tiny_cpu.yaml \
     --save "$OUT/pretrain" --load "$OUT/pretrain" | tee "$OUT/pretrain.log"
 
 echo "== 3/5 RLP stage (examples/tiny_rlp.yaml) from the pretrained weights =="
+# A first run starts the stage from the pretrained weights; a re-run resumes the RLP run itself
+# (a new stage into a --save that already holds checkpoints is refused: it would overwrite them).
+RLP_FROM="$OUT/pretrain"
+[ -f "$OUT/rlp/latest" ] && RLP_FROM="$OUT/rlp"
 python -m megatron_rlp.train --config examples/tiny_rlp.yaml \
-    --embedded-data-dir "$OUT/data" --load "$OUT/pretrain" --save "$OUT/rlp" \
+    --embedded-data-dir "$OUT/data" --load "$RLP_FROM" --save "$OUT/rlp" \
     | tee "$OUT/rlp.log"
 
 echo "== 4/5 export to Hugging Face and generate with transformers =="
