@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from . import mapping
+from . import config_keys, mapping
 
 IMPORT_STAGE = "hf_import"
 BUILTIN_TOKENIZERS = ("EmbeddedTokenizer", "ByteTokenizer")
@@ -35,6 +35,13 @@ def read_json(hf_dir: str, name: str) -> Optional[dict]:
             return json.load(f)
     except json.JSONDecodeError as error:
         raise mapping.ConversionError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_config(hf_dir: str) -> dict:
+    hf = read_json(hf_dir, "config.json")
+    if hf is None:
+        raise mapping.ConversionError(f"{hf_dir}: no config.json; not a Hugging Face model dir")
+    return hf
 
 
 def is_hf_dir(path: str) -> bool:
@@ -104,15 +111,13 @@ def run_config_from_hf(hf_dir: str, tokenizer_dir: Optional[str] = None) -> dict
     from megatron_rlp.config import _field_owner
     from megatron_rlp.train import _import_extensions
 
-    hf = read_json(hf_dir, "config.json")
-    if hf is None:
-        raise mapping.ConversionError(f"{hf_dir}: no config.json; not a Hugging Face model dir")
+    hf = read_config(hf_dir)
     sidecar = read_json(hf_dir, mapping.SIDECAR_FILE) or {}
     _import_extensions()
     known = _field_owner()
     # Fields of a feature this install lacks only affect training, never the weights: drop them.
     flat = {k: v for k, v in (sidecar.get("run_config") or {}).items() if k in known}
-    flat.update(mapping.model_config_from_hf(hf))
+    flat.update(config_keys.model_config_from_hf(hf))
     if "max_position_embeddings" in hf and "seq_length" not in flat:
         flat["seq_length"] = int(hf["max_position_embeddings"])
     tok_path = os.path.join(hf_dir, "tokenizer.json")
@@ -154,7 +159,10 @@ def load_weights_into(model: torch.nn.Module, hf_dir: str, model_cfg, tokenizer_
         shapes["lm_head.weight"] = shapes["backbone.embeddings.weight"]
     dims = mapping.dims_from_model_config(model_cfg, hf_vocab)
     units = mapping.model_units(dims)
-    mapping.check_keys(shapes, units, "hf")
+    # A mis-shaped tensor names the config.json keys its expected shape came from, so a key read
+    # in the wrong spelling (or a wrong value) shows, rather than blaming the weights.
+    keys = config_keys.NemotronHConfigKeys(read_config(hf_dir))
+    mapping.check_keys(shapes, units, "hf", explain_shape=keys.explain_shape)
     if hf_vocab < tokenizer_vocab:
         raise mapping.ConversionError(
             f"backbone.embeddings.weight has {hf_vocab} rows but the tokenizer has "
@@ -210,9 +218,7 @@ def build_model_from_hf(hf_dir: str, *, tokenizer_dir: Optional[str] = None,
     from megatron_rlp.config import config_from_dict
     from megatron_rlp.inference.load import build_single_process_model, single_process_config
 
-    hf = read_json(hf_dir, "config.json")
-    if hf is None:
-        raise mapping.ConversionError(f"{hf_dir}: no config.json; not a Hugging Face model dir")
+    hf = read_config(hf_dir)
     flat = run_config_from_hf(hf_dir, tokenizer_dir)
     cfg = single_process_config(flat)
     if keep_precision and flat.get("bf16"):

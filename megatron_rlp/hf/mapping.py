@@ -34,9 +34,6 @@ import torch
 
 # Our pattern symbol ⇄ HF `layers_block_type` entry.
 SYMBOL_TO_HF = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
-HF_TO_SYMBOL = {v: k for k, v in SYMBOL_TO_HF.items()}
-# Older NemotronH configs spell the kinds differently; HF remaps them the same way.
-HF_LEGACY_KINDS = {"mamba": "M", "attention": "*", "mlp": "-"}
 # The gated RMSNorm inside our Mamba2 mixer uses a fixed epsilon (models/mamba2.py NORM_EPS); HF
 # uses `layer_norm_epsilon` for every norm, so the two must agree.
 MAMBA_GATED_NORM_EPS = 1e-5
@@ -215,8 +212,10 @@ def is_model_key(key: str) -> bool:
         not key.endswith("_extra_state")
 
 
-def check_keys(found: dict, units: List[List[Group]], side: str) -> None:
-    """`found`: name → shape. Raise naming the first unknown, missing or mis-shaped tensor."""
+def check_keys(found: dict, units: List[List[Group]], side: str,
+               explain_shape: Optional[Callable[[str, tuple, tuple], str]] = None) -> None:
+    """`found`: name → shape. Raise naming the first unknown, missing or mis-shaped tensor;
+    `explain_shape(name, found, expected)` says which config keys the expected shape came from."""
     expected = {}
     for unit in units:
         for g in unit:
@@ -238,9 +237,11 @@ def check_keys(found: dict, units: List[List[Group]], side: str) -> None:
             + "; does the config's pattern/sizes match the weights?")
     for name, shape in expected.items():
         if tuple(found[name]) != tuple(shape):
+            why = explain_shape(name, tuple(found[name]), tuple(shape)) if explain_shape else ""
             raise ConversionError(
                 f"tensor {name!r} has shape {tuple(found[name])}, but the config implies "
-                f"{tuple(shape)}; the config and the weights disagree")
+                f"{tuple(shape)}" + (f" ({why})" if why else "")
+                + "; the config and the weights disagree")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -310,74 +311,12 @@ def hf_config(model_cfg, *, vocab_size: int, max_position_embeddings: int, dtype
     }
 
 
-def _hf_pattern(hf: dict) -> str:
-    kinds = hf.get("layers_block_type") or hf.get("layer_types")
-    if kinds is None and hf.get("hybrid_override_pattern"):
-        kinds = list(hf["hybrid_override_pattern"])
-    if not kinds:
-        raise ConversionError("config.json: no `layers_block_type` (or `hybrid_override_pattern`);"
-                              " cannot tell the layer kinds")
-    out = []
-    for i, kind in enumerate(kinds):
-        symbol = HF_TO_SYMBOL.get(kind) or HF_LEGACY_KINDS.get(kind) or (
-            kind if kind in SYMBOL_TO_HF else None)
-        if symbol is None:
-            raise ConversionError(
-                f"config.json layers_block_type[{i}]={kind!r}: megatron-rlp has no such layer kind "
-                f"(supported: {sorted(SYMBOL_TO_HF.values())}); MoE layers are not supported")
-        out.append(symbol)
-    return "".join(out)
-
-
 def model_config_from_hf(hf: dict) -> dict:
-    """Flat megatron-rlp model fields from an HF NemotronH config.json dict. Raises
-    `ConversionError` naming the first field our model cannot represent."""
-    if hf.get("model_type") != "nemotron_h":
-        raise ConversionError(f"config.json model_type={hf.get('model_type')!r}: only "
-                              "'nemotron_h' can be imported")
-    pattern = _hf_pattern(hf)
+    """Flat megatron-rlp model fields from an HF config.json dict in any spelling transformers
+    reads; see `config_keys` (imported here, not at the top: it imports this module)."""
+    from .config_keys import model_config_from_hf as read
 
-    def need(field, ok, why):
-        if not ok:
-            raise ConversionError(f"config.json {field}={hf.get(field)!r}: {why}")
-
-    need("mlp_hidden_act", hf.get("mlp_hidden_act", "relu2") == "relu2",
-         "our MLP is squared ReLU (relu2) only")
-    need("mamba_hidden_act", hf.get("mamba_hidden_act", "silu") == "silu",
-         "our Mamba2 mixer uses SiLU only")
-    for field in ("use_bias", "mlp_bias", "attention_bias", "mamba_proj_bias"):
-        need(field, not hf.get(field, False), "our linears have no bias")
-    need("num_nextn_predict_layers", not hf.get("num_nextn_predict_layers", 0),
-         "multi-token-prediction layers are not supported")
-    need("sliding_window", hf.get("sliding_window") is None, "sliding-window attention is not "
-         "supported")
-    eps = float(hf.get("layer_norm_epsilon", 1e-5))
-    need("layer_norm_epsilon", "M" not in pattern or math.isclose(eps, MAMBA_GATED_NORM_EPS),
-         f"our Mamba gated norm uses eps {MAMBA_GATED_NORM_EPS}")
-    heads = int(hf.get("num_attention_heads", 32))
-    hidden = int(hf["hidden_size"])
-    head_dim = hf.get("head_dim")
-    kv_channels = None if head_dim is None or int(head_dim) * heads == hidden else int(head_dim)
-    need("n_groups", int(hf.get("n_groups", 8)) > 0 and
-         int(hf.get("mamba_num_heads", 128)) % int(hf.get("n_groups", 8)) == 0,
-         "must divide mamba_num_heads")
-    return {
-        "num_layers": len(pattern),
-        "hybrid_override_pattern": pattern,
-        "hidden_size": hidden,
-        "ffn_hidden_size": int(hf.get("intermediate_size", 21504)),
-        "num_attention_heads": heads,
-        "num_query_groups": int(hf.get("num_key_value_heads") or heads),
-        "kv_channels": kv_channels,
-        "mamba_num_heads": int(hf.get("mamba_num_heads", 128)),
-        "mamba_head_dim": int(hf.get("mamba_head_dim", 64)),
-        "mamba_state_dim": int(hf.get("ssm_state_size", 128)),
-        "mamba_num_groups": int(hf.get("n_groups", 8)),
-        "mamba_conv_kernel": int(hf.get("conv_kernel", 4)),
-        "mamba_chunk_size": int(hf.get("chunk_size", 128)),
-        "norm_epsilon": eps,
-        "init_method_std": float(hf.get("initializer_range", 0.02)),
-    }
+    return read(hf)
 
 
 def hf_name_to_canonical(name: str) -> str:
