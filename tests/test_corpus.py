@@ -107,3 +107,77 @@ def test_write_jsonl_failure_keeps_the_old_file(tmp_path):
 def test_negative_document_count_is_rejected():
     with pytest.raises(ValueError, match="num_docs must be a non-negative int"):
         generate_corpus(-1, seed=0)
+
+
+# ---- thinking-style documents -------------------------------------------------------------------
+_STEP = re.compile(r"Step \d+: (-?\d+) ([-+*]) (\d+) =<think>(.*?)</think> (-?\d+)")
+_COLUMN = re.compile(r"(\d+) ([-+*]) (\d+)(?: \+ (\d+))? = (\d+)")
+
+
+def test_think_share_zero_is_the_think_free_corpus_and_thoughts_only_add_spans():
+    from megatron_rlp.data.corpus import strip_thoughts
+
+    plain = generate_corpus(400, seed=9)
+    thinking = generate_corpus(400, seed=9, think_share=1.0)
+    assert plain == generate_corpus(400, seed=9, think_share=0.0)
+    assert not any("<think>" in d["text"] or d.get("thinking") for d in plain)
+    flagged = [d for d in thinking if d.get("thinking")]
+    assert {d["source"] for d in flagged} == {"arithmetic", "algebra"}
+    for p, t in zip(plain, thinking):
+        assert (p["source"], p["quality"]) == (t["source"], t["quality"])
+        if p["source"] != "algebra":  # arithmetic: the same text once the thoughts are cut
+            assert strip_thoughts(t["text"]) == p["text"]
+    # Every worked arithmetic document thinks at share 1; terse drills never do.
+    worked = [d for d in thinking if d["source"] == "arithmetic" and d["quality"] == "high"]
+    assert worked and all(d.get("thinking") for d in worked)
+    half = generate_corpus(2000, seed=9, think_share=0.5)
+    share = sum(bool(d.get("thinking")) for d in half) / sum(
+        d["source"] in ("arithmetic", "algebra") and d["quality"] == "high" for d in half)
+    assert 0.4 < share < 0.6
+
+
+def test_column_thoughts_are_correct_and_end_with_the_written_result():
+    checked = 0
+    for d in generate_corpus(600, seed=4, think_share=1.0):
+        for a, op, b, thought, result in _STEP.findall(d["text"]):
+            a, b, result = int(a), int(b), int(result)
+            assert {"+": a + b, "-": a - b, "*": a * b}[op] == result
+            assert thought.endswith(f"so {result}"), thought
+            columns = _COLUMN.findall(thought)
+            assert columns, thought
+            for x, cop, y, carry, z in columns:    # every column step is itself right
+                x, y, z, carry = int(x), int(y), int(z), int(carry or 0)
+                assert {"+": x + y + carry, "-": x - y, "*": x * y + carry}[cop] == z, thought
+                assert z < 100 and (cop != "-" or 0 <= z <= 9)
+            # The ones digit of the result is the ones digit of the first column's value.
+            assert int(columns[0][4]) % 10 == abs(result) % 10, thought
+            checked += 1
+    assert checked > 300
+
+
+def test_algebra_thoughts_isolate_the_variable_before_it_is_written():
+    pattern = re.compile(r"(\w) =<think>(.*?) so (-?\d+)</think> (-?\d+)\.\n"
+                         r"Check: (.*)\. So \1 = (-?\d+)\.")
+    found = 0
+    for d in generate_corpus(500, seed=6, think_share=1.0):
+        if d["source"] != "algebra":
+            continue
+        for var, steps, said, written, check, final in pattern.findall(d["text"]):
+            assert said == written == final
+            assert steps.endswith(f"{var} = {written}.") or steps.endswith(f"= {written}.")
+            found += 1
+    assert found > 100
+
+
+def test_think_share_outside_zero_one_is_rejected():
+    with pytest.raises(ValueError, match=r"think_share must be in \[0, 1\]"):
+        generate_corpus(3, seed=0, think_share=1.5)
+
+
+def test_strip_thoughts_removes_spans_and_rejects_an_open_one():
+    from megatron_rlp.data.corpus import strip_thoughts
+
+    assert strip_thoughts("1 + 2 =<think>so 3</think> 3\nx =<think>a</think> 4.") == \
+        "1 + 2 = 3\nx = 4."
+    with pytest.raises(ValueError, match="never closed"):
+        strip_thoughts("1 =<think>so")

@@ -51,23 +51,47 @@ def test_two_phase_quick_reports_held_out_loss_per_variant_and_split(tmp_path, e
 
 
 @pytest.mark.slow
-def test_rlp_vs_cpt_quick_matches_cpt_tokens_to_rlp_flops(tmp_path, embedded_dir):
+def test_rlp_vs_cpt_quick_matches_cpt_tokens_to_rlp_flops_and_evaluates_both_ways(
+        tmp_path, embedded_dir):
     out = str(tmp_path / "rlp_vs_cpt")
     m = _run_quick("rlp_vs_cpt", out, embedded_dir)
-    runs = m["runs"]
-    rlp = {n: r for n, r in runs.items() if r["kind"] == "rlp"}
-    assert rlp
-    for name, r in rlp.items():
-        assert r["ntp_equivalent_tokens"] > 0 and _finite(r["reward_last"])
-        cpt = runs[f"cpt_for_{name}"]
+    runs, sc = m["runs"], m["scale"]
+    seeds = sc["seeds"]
+    assert set(runs) == {"base"} | {f"{arm}_s{s}" for arm in ("rlp", "cpt") for s in seeds}
+    # The same LR grid for both arms; each arm's best comes from it.
+    assert sorted(g["lr"] for g in m["grid"] if g["kind"] == "rlp") == sorted(sc["lrs"])
+    assert sorted(g["lr"] for g in m["grid"] if g["kind"] == "cpt") == sorted(sc["lrs"])
+    assert m["best_lr"]["rlp"] in sc["lrs"] and m["best_lr"]["cpt"] in sc["lrs"]
+    batch = sc["mbs"] * sc["seq"]
+    for s in seeds:
+        rlp, cpt = runs[f"rlp_s{s}"], runs[f"cpt_s{s}"]
+        assert rlp["ntp_equivalent_tokens"] > 0 and 0 <= rlp["stopped_frac"] <= 1
         # FLOP matching: CPT reads the RLP run's NTP-equivalent tokens, rounded up to one batch.
-        batch = m["scale"]["mbs"] * m["scale"]["seq"]
-        assert r["ntp_equivalent_tokens"] <= cpt["tokens"] < r["ntp_equivalent_tokens"] + batch
+        assert cpt["matched_to_tokens"] == rlp["ntp_equivalent_tokens"]
+        assert rlp["ntp_equivalent_tokens"] <= cpt["tokens"] < rlp["ntp_equivalent_tokens"] + batch
     for name, r in runs.items():
+        e = r["test"]
+        assert e["questions"] > 0 and 0 <= e["think_acc"] <= 1 and 0 <= e["no_think_acc"] <= 1
+        assert _finite(e["gain_result"]) and _finite(e["gain_ordinary"]), name
         for cls in ("result", "ordinary"):
-            e = r["eval"][cls]
-            assert e["tokens"] > 0 and _finite(e["loss"]) and 0 <= e["acc"] <= 1, (name, cls)
-    assert os.path.getsize(os.path.join(out, "reward.png")) > 0
+            t = e["tokens"][cls]
+            assert t["tokens"] > 0 and _finite(t["loss"]) and 0 <= t["acc"] <= 1, (name, cls)
+    for key in ("think_acc", "no_think_acc", "result_loss", "ordinary_loss"):
+        assert len(m["paired"][key]["per_seed"]) == len(seeds)
+    for f in ("reward.png", "accuracy.png"):
+        assert os.path.getsize(os.path.join(out, f)) > 0
+
+
+def test_think_eval_finds_every_worked_step_result():
+    sys.path.insert(0, EXPERIMENTS)
+    from think_eval import result_questions
+
+    text = ("Problem 1: compute 45 + 37 - 90.\nStep 1: 45 + 37 = 82\nStep 2: 82 - 90 = -8\n"
+            "Answer: -8\n\nProblem 2: compute 3 * 4.\nStep 1: 3 * 4 = 12\nAnswer: 12")
+    assert result_questions([text]) == [
+        (text[:text.index("= 82") + 1], "82"),
+        (text[:text.index("= -8") + 1], "-8"),
+        (text[:text.index("= 12") + 1], "12")]
 
 
 @pytest.mark.slow

@@ -15,6 +15,21 @@ can raise its likelihood. Each document comes from one of six sources:
 "quality" is a label the two-phase data tools (issue 8) use to build tiers; the low tier is
 deliberately easy to tell apart (shouting, urls, repetition) so a small classifier can learn it.
 
+Thinking-style documents (`think_share`, off by default, on in the embedded dataset): a share of
+the worked arithmetic and algebra documents write a thought right before a result, in the layout
+an RLP rollout has (context, `<think>`, thought, `</think>`, the next token):
+
+    Step 1: 45 + 37 =<think>5 + 7 = 12. 4 + 3 + 1 = 8. so 82</think> 82
+    Solve for x: 3x + 7 = 22.
+    x =<think>3x = 22 - 7 = 15. x = 15 / 3 = 5. so 5</think> 5.
+
+The thought does work the text leaves implicit (column-wise carries and borrows, the isolating
+steps) and ends with the result, so a model that has learned the format predicts the result
+better after thinking than without. Which documents think is drawn from a generator of its own,
+so every document's text is the same with and without thinking apart from the thought spans
+(the shipped tokenizer was trained on the think-free text; `<think>`/`</think>` are its special
+tokens).
+
 Determinism: document i is drawn from its own `random.Random(f"{seed}:{i}")` (string seeds hash
 with SHA-512, independent of PYTHONHASHSEED), so
 `generate_corpus(n, s)[:k] == generate_corpus(k, s)`
@@ -30,7 +45,9 @@ import random
 import uuid
 from typing import Callable, Iterable, Iterator
 
-CORPUS_VERSION = 1
+from megatron_rlp.data.tokenizer import THINK_END, THINK_START
+
+CORPUS_VERSION = 2  # 2: thinking-style documents (think_share)
 
 SOURCES = ("arithmetic", "algebra", "records", "lists", "textbook", "web")
 QUALITIES = ("high", "medium", "low")
@@ -59,10 +76,73 @@ def _rng(seed: int, index: int) -> random.Random:
 
 
 # ----------------------------------------------------------------------------------------------
-# arithmetic
+# thoughts: column-wise working that ends with the result
 # ----------------------------------------------------------------------------------------------
 def _apply(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def _digits(n: int) -> list[int]:
+    """Decimal digits of n >= 0, ones first."""
+    return [int(c) for c in reversed(str(n))]
+
+
+def _column_add(x: int, y: int) -> list[str]:
+    """x + y (x, y >= 0) column by column, ones first; a carry is added in the next column."""
+    xs, ys, carry, out = _digits(x), _digits(y), 0, []
+    for i in range(max(len(xs), len(ys))):
+        a, b = (xs[i] if i < len(xs) else 0), (ys[i] if i < len(ys) else 0)
+        total = a + b + carry
+        out.append(f"{a} + {b}" + (f" + {carry}" if carry else "") + f" = {total}")
+        carry = total // 10
+    return out
+
+
+def _column_sub(x: int, y: int) -> list[str]:
+    """x - y (x >= y >= 0) column by column; a borrow shows as 1 before the top digit and as the
+    next top digit lowered by one."""
+    xs, ys, borrow, out = _digits(x), _digits(y), 0, []
+    for i, a in enumerate(xs):
+        top, b = a - borrow, (ys[i] if i < len(ys) else 0)
+        borrow = int(top < b)
+        top += 10 * borrow
+        out.append(f"{top} - {b} = {top - b}")
+    return out
+
+
+def _column_mul(x: int, k: int) -> list[str]:
+    """x * k (x >= 0, one-digit k) digit by digit; the carry is added to the next product."""
+    carry, out = 0, []
+    for a in _digits(x):
+        total = a * k + carry
+        out.append(f"{a} * {k}" + (f" + {carry}" if carry else "") + f" = {total}")
+        carry = total // 10
+    return out
+
+
+def operation_thought(a: int, op: str, b: int) -> str:
+    """The working for `a op b` (b >= 0; a may be negative; '*' only by one digit): the same
+    operation on magnitudes, column by column, then `so <result>`. When the signs change the
+    operation, the magnitude operation is named first (`82 - 45:`)."""
+    if op == "*":
+        steps, head = _column_mul(abs(a), b), (f"{abs(a)} * {b}:" if a < 0 else "")
+    elif (op == "+") == (a >= 0):               # a + b with a >= 0, or a - b with a < 0
+        steps, head = _column_add(abs(a), b), (f"{abs(a)} + {b}:" if a < 0 else "")
+    else:                                       # the magnitudes subtract
+        big, small = max(abs(a), b), min(abs(a), b)
+        steps = _column_sub(big, small)
+        head = "" if (op == "-" and a >= b) else f"{big} - {small}:"
+    return " ".join(([head] if head else []) + [". ".join(steps) + "."] +
+                    [f"so {_apply(a, op, b)}"])
+
+
+def _think(thought: str) -> str:
+    return f"{THINK_START}{thought}{THINK_END}"
+
+
+# ----------------------------------------------------------------------------------------------
+# arithmetic
+# ----------------------------------------------------------------------------------------------
 
 
 def _chain(rng: random.Random) -> tuple[list[int], list[str]]:
@@ -75,7 +155,7 @@ def _chain(rng: random.Random) -> tuple[list[int], list[str]]:
     return nums, ops
 
 
-def _arithmetic(rng: random.Random) -> tuple[str, str]:
+def _arithmetic(rng: random.Random, think: bool = False) -> tuple[str, str]:
     if rng.random() < 0.25:  # terse drill: answers with no working shown
         lines = []
         for _ in range(rng.randint(6, 12)):
@@ -99,7 +179,8 @@ def _arithmetic(rng: random.Random) -> tuple[str, str]:
         lines, acc = [head], nums[0]
         for step, (op, n) in enumerate(zip(ops, nums[1:]), start=1):
             new = _apply(acc, op, n)  # left to right: every '*' here follows a partial result
-            lines.append(f"Step {step}: {acc} {op} {n} = {new}")
+            mark = _think(operation_thought(acc, op, n)) if think else ""
+            lines.append(f"Step {step}: {acc} {op} {n} ={mark} {new}")
             acc = new
         lines.append(f"Answer: {acc}")
         parts.append("\n".join(lines))
@@ -109,27 +190,30 @@ def _arithmetic(rng: random.Random) -> tuple[str, str]:
 # ----------------------------------------------------------------------------------------------
 # algebra
 # ----------------------------------------------------------------------------------------------
-def _algebra(rng: random.Random) -> tuple[str, str]:
+def _algebra(rng: random.Random, think: bool = False) -> tuple[str, str]:
+    """Worked linear equations. Thinking style: the isolating steps move into a thought written
+    before `x =`, then the check follows as in the worked style."""
     parts = []
     for _ in range(rng.randint(2, 3)):
         var = rng.choice("xyzn")
         x, a, b = rng.randint(-12, 20), rng.randint(2, 9), rng.randint(1, 40)
         if rng.random() < 0.5:  # a*x + b = c
             c = a * x + b
-            parts.append(
-                f"Solve for {var}: {a}{var} + {b} = {c}.\n"
-                f"Subtract {b} from both sides: {a}{var} = {c} - {b} = {c - b}.\n"
-                f"Divide both sides by {a}: {var} = {c - b} / {a} = {x}.\n"
-                f"Check: {a} * {x} + {b} = {a * x} + {b} = {c}. So {var} = {x}."
-            )
+            head = f"Solve for {var}: {a}{var} + {b} = {c}."
+            steps = (f"Subtract {b} from both sides: {a}{var} = {c} - {b} = {c - b}.",
+                     f"Divide both sides by {a}: {var} = {c - b} / {a} = {x}.")
+            isolate = f"{a}{var} = {c} - {b} = {c - b}. {var} = {c - b} / {a} = {x}."
+            check = f"Check: {a} * {x} + {b} = {a * x} + {b} = {c}. So {var} = {x}."
         else:  # a*(x - b) = c
             c = a * (x - b)
-            parts.append(
-                f"Solve for {var}: {a}({var} - {b}) = {c}.\n"
-                f"Divide both sides by {a}: {var} - {b} = {c} / {a} = {x - b}.\n"
-                f"Add {b} to both sides: {var} = {x - b} + {b} = {x}.\n"
-                f"Check: {a} * ({x} - {b}) = {a} * {x - b} = {c}. So {var} = {x}."
-            )
+            head = f"Solve for {var}: {a}({var} - {b}) = {c}."
+            steps = (f"Divide both sides by {a}: {var} - {b} = {c} / {a} = {x - b}.",
+                     f"Add {b} to both sides: {var} = {x - b} + {b} = {x}.")
+            isolate = f"{var} - {b} = {c} / {a} = {x - b}. {var} = {x - b} + {b} = {x}."
+            check = f"Check: {a} * ({x} - {b}) = {a} * {x - b} = {c}. So {var} = {x}."
+        if think:
+            steps = (f"{var} ={_think(f'{isolate} so {x}')} {x}.",)
+        parts.append("\n".join((head, *steps, check)))
     return "\n\n".join(parts), "high"
 
 
@@ -268,8 +352,14 @@ _GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 }
 
 
-def generate_document(index: int, seed: int) -> dict:
-    """Document `index` of the corpus with this seed: {"id", "text", "source", "quality"}."""
+# Sources whose generators can write thoughts (the others have no result worth thinking about).
+THINKING_SOURCES = ("arithmetic", "algebra")
+
+
+def generate_document(index: int, seed: int, think_share: float = 0.0) -> dict:
+    """Document `index` of the corpus with this seed: {"id", "text", "source", "quality"}, plus
+    "thinking": True for a thinking-style document (a `think_share` of the worked arithmetic and
+    algebra documents)."""
     rng = _rng(seed, index)
     u, acc = rng.random(), 0.0
     source = _MIX[-1][0]
@@ -278,15 +368,38 @@ def generate_document(index: int, seed: int) -> dict:
         if u < acc:
             source = name
             break
-    text, quality = _GENERATORS[source](rng)
-    return {"id": index, "text": text, "source": source, "quality": quality}
+    # Its own generator: the documents' other random draws stay the same whatever the share.
+    think = (source in THINKING_SOURCES and
+             random.Random(f"megatron-rlp-think:{seed}:{index}").random() < think_share)
+    text, quality = _GENERATORS[source](rng, think) if source in THINKING_SOURCES \
+        else _GENERATORS[source](rng)
+    doc = {"id": index, "text": text, "source": source, "quality": quality}
+    if think and THINK_START in text:  # a terse drill has no worked steps to think in
+        doc["thinking"] = True
+    return doc
 
 
-def generate_corpus(num_docs: int, seed: int) -> list[dict]:
-    """`num_docs` deterministic documents; see the module docstring for sources and qualities."""
+def generate_corpus(num_docs: int, seed: int, think_share: float = 0.0) -> list[dict]:
+    """`num_docs` deterministic documents; see the module docstring for sources, qualities and
+    thinking-style documents."""
     if not isinstance(num_docs, int) or num_docs < 0:
         raise ValueError(f"num_docs must be a non-negative int, got {num_docs!r}")
-    return [generate_document(i, seed) for i in range(num_docs)]
+    if not 0.0 <= think_share <= 1.0:
+        raise ValueError(f"think_share must be in [0, 1], got {think_share!r}")
+    return [generate_document(i, seed, think_share) for i in range(num_docs)]
+
+
+def strip_thoughts(text: str) -> str:
+    """The think-free text of a document: every `<think> ... </think>` span becomes the single
+    space the worked style writes there (`=<think>...</think> 82` -> `= 82`)."""
+    out, rest = [], text
+    while THINK_START in rest:
+        head, _, tail = rest.partition(THINK_START)
+        _, closed, rest = tail.partition(THINK_END)
+        if not closed:
+            raise ValueError("a <think> span is never closed")
+        out.append(head)
+    return "".join(out) + rest
 
 
 def write_jsonl(docs: Iterable[dict], path: str) -> str:

@@ -9,6 +9,10 @@
 File names follow tools/preprocess_data.py (`<prefix>_<key>_document`), so the JSONL files can be
 re-tokenised or split into quality tiers by the data tools and land next to these.
 
+Half of the worked arithmetic and algebra documents are thinking-style (THINK_SHARE, see
+corpus.py): a model pretrained here has seen `<think> ... </think>` spans whose working helps the
+next tokens, so an RLP stage from it samples thoughts in a format it knows and can close.
+
 The last `max(1, num_docs // 50)` documents are held out. Calling again with the same arguments,
 corpus version and tokenizer is a no-op (the manifest matches and every file has its recorded
 size); anything else rebuilds. A file lock serialises concurrent callers (e.g. every rank of a
@@ -25,6 +29,7 @@ from megatron_rlp.data.corpus import CORPUS_VERSION, generate_corpus, write_json
 
 DEFAULT_NUM_DOCS = 8000  # ≈ 1.0M tokens: 200 iterations of 8 × 128 see ~0.2 epochs
 DEFAULT_SEED = 1234
+THINK_SHARE = 0.5  # share of worked arithmetic/algebra documents written with thoughts
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ def _expected_manifest(num_docs: int, seed: int, tokenizer) -> dict:
         "corpus_version": CORPUS_VERSION,
         "num_docs": num_docs,
         "seed": seed,
+        "think_share": THINK_SHARE,
         "num_valid_docs": max(1, num_docs // 50),
         "tokenizer_sha256": tokenizer.unique_identifiers["sha256"],
     }
@@ -111,7 +117,7 @@ def ensure_embedded_dataset(out_dir: str, num_docs: int = DEFAULT_NUM_DOCS,
             return paths.train_prefix
         if os.path.exists(paths.manifest):
             os.unlink(paths.manifest)  # a half-rebuilt folder must not look up to date
-        docs = generate_corpus(num_docs, seed)
+        docs = generate_corpus(num_docs, seed, think_share=THINK_SHARE)
         n_valid = expected["num_valid_docs"]
         train, valid = docs[:-n_valid], docs[-n_valid:]
         dtype = optimal_dtype(tokenizer.vocab_size)

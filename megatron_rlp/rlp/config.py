@@ -25,8 +25,10 @@ class RLPConfig:
                           "rpt: 1 iff the prediction after the thought is a byte-prefix of the "
                           "true continuation ending on a token boundary.",
                           choices=("info_gain", "rpt"))
-    rlp_min_prefix: int = arg(16, "Fewest context tokens before the predicted position t.")
-    rlp_max_context: Optional[int] = arg(None, "Keep at most this many context tokens (the last).")
+    rlp_min_prefix: int = arg(16, "Fewest tokens of t's own document before the predicted "
+                              "position t (contexts never reach into another document).")
+    rlp_max_context: Optional[int] = arg(None, "Keep at most this many context tokens (the last "
+                                         "ones of t's document).")
     rlp_prompt_template: str = arg(DEFAULT_TEMPLATE, "Prompt text around the context; must contain "
                                    "{context}. <think> is appended after it.")
     rlp_rpt_entropy_filter: Optional[float] = arg(

@@ -1,9 +1,14 @@
 """Rollouts: pick a position per document, build the prompt, sample G thoughts with the cached
 decoder, and lay out the rows the training forward reads.
 
-Per document (text = tokens of the sample plus its last label, S+1 tokens):
-    t ~ Uniform{positions >= --rlp-min-prefix whose target is not <eod>}   (RPT filter optional)
-    context  x_<t (the last --rlp-max-context tokens), target x_t
+Per sample (text = tokens of the packed window plus its last label, S+1 tokens; a window holds
+several documents, each ended by <eod>, see megatron_rlp/data/packing.py):
+    t ~ Uniform{positions at least --rlp-min-prefix tokens into their document, whose target is not
+                <eod> and that lie outside any <think> ... </think> span of the text}  (RPT filter
+                optional)
+    context  x_<t from t's document start (the window start for a document cut by the window),
+             the last --rlp-max-context of them; never a token of another document
+    target   x_t
     prompt   encode(template before {context}) + context + encode(template after) + <think>
 Per thought i of G (row r = b*G + i):
     row      prompt | c_1 .. c_k | (</think> appended if the thought hit the length limit) | x_t
@@ -22,6 +27,7 @@ from typing import List, Optional
 
 import torch
 
+from megatron_rlp.data.packing import document_ids, positions_in_document
 from megatron_rlp.inference.generate import generate
 
 from .reward import token_logprobs, top_k_entropy
@@ -58,22 +64,75 @@ class Rollout:
     ref_logp: Optional[torch.Tensor] = None  # [N, L] teacher log-probs on the rows (KL term)
 
 
+def thought_spans(text: torch.Tensor, think_start: int, think_end: int) -> torch.Tensor:
+    """text [B, n] -> bool [B, n]: True on every token of a written `<think> ... </think>` span,
+    both markers included. A window that starts inside a thought (its first `</think>` comes before
+    any `<think>`) counts everything up to that `</think>` as thought."""
+    is_start, is_end = text == think_start, text == think_end
+    index = torch.arange(text.shape[-1], device=text.device).expand_as(text)
+    big = text.shape[-1]
+    first_end = torch.where(is_end, index, big).min(dim=-1, keepdim=True).values
+    first_start = torch.where(is_start, index, big).min(dim=-1, keepdim=True).values
+    opens_cut = first_end < first_start                # the window starts inside a thought
+    opened = torch.cumsum(is_start.long(), dim=-1)
+    # </think> markers before this token, not counting the cut thought's (it has no <think> here)
+    closed_before = (torch.cumsum(is_end.long(), dim=-1) - is_end.long()
+                     - (opens_cut & (index > first_end)).long())
+    return (opened > closed_before) | (opens_cut & (index <= first_end))
+
+
 def choose_positions(text: torch.Tensor, min_prefix: int, eod: int, generator: torch.Generator,
-                     allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """text [B, S+1] -> t [B]: uniform over t >= min_prefix with text[t] != eod (and `allowed`)."""
+                     allowed: Optional[torch.Tensor] = None,
+                     thought_markers: Optional[tuple] = None) -> torch.Tensor:
+    """text [B, S+1] -> t [B], uniform over positions that are >= min_prefix tokens into their own
+    document (packing.positions_in_document), whose target text[t] is not <eod>, and (with
+    `thought_markers` = (<think>, </think>) ids) that are neither inside a written thought nor
+    right after one (that context already ends in a thought). `allowed` narrows further (RPT's
+    entropy filter) unless it leaves nothing. A window with no such position (only short
+    documents) falls back to the position deepest into its document."""
     b, n = text.shape
     if n - 1 < min_prefix:
         raise ValueError(f"--rlp-min-prefix={min_prefix} leaves no position in sequences of "
                          f"{n - 1} tokens; lower it or raise --seq-length")
-    ok = torch.zeros_like(text, dtype=torch.bool)
-    ok[:, min_prefix:] = True
-    ok &= text != eod
+    offset = positions_in_document(document_ids(text, eod))
+    usable = text != eod
+    if thought_markers is not None:
+        in_thought = thought_spans(text, *thought_markers)
+        after_thought = torch.zeros_like(in_thought)
+        after_thought[:, 1:] = text[:, :-1] == thought_markers[1]
+        usable &= ~(in_thought | after_thought)
+    ok = usable & (offset >= min_prefix)
     if allowed is not None:
         filtered = ok & allowed
         ok = torch.where(filtered.any(dim=1, keepdim=True), filtered, ok)
-    ok[~ok.any(dim=1), -1] = True  # a sample of only <eod>: predict the last token anyway
-    weights = ok.float()
-    return torch.multinomial(weights, 1, generator=generator)[:, 0]
+    for row in (~ok.any(dim=1)).nonzero()[:, 0].tolist():
+        depth = torch.where(usable[row], offset[row], -1)
+        if int(depth.max()) < 1:
+            raise ValueError(f"RLP sample {row} holds no document with a token after its first "
+                             "(nothing to predict from inside one document)")
+        ok[row, int(depth.argmax())] = True
+    return torch.multinomial(ok.float(), 1, generator=generator)[:, 0]
+
+
+def document_contexts(text: torch.Tensor, t: torch.Tensor, eod: int,
+                      max_context: Optional[int] = None) -> List[List[int]]:
+    """The context x_<t of each row: from t's document start (packing.positions_in_document; the
+    window start when the window cut the document), the last `max_context` tokens of it."""
+    offset = positions_in_document(document_ids(text, eod))
+    out = []
+    for b in range(text.shape[0]):
+        end = int(t[b])
+        start = end - int(offset[b, end])
+        if max_context:
+            start = max(start, end - max_context)
+        out.append(text[b, start:end].tolist())
+    return out
+
+
+def document_continuation(row: List[int], eod: int, length: int) -> List[int]:
+    """The first `length` tokens of `row` up to and including its document's <eod>."""
+    row = row[:length]
+    return row[: row.index(eod) + 1] if eod in row else row
 
 
 @torch.no_grad()
@@ -107,14 +166,11 @@ def make_rollout(decoder, teacher, tokenizer, data: dict, rcfg, *, seed: int, fi
         allowed = torch.zeros_like(text, dtype=torch.bool)
         allowed[:, 1:] = (ent >= rcfg.rlp_rpt_entropy_filter).cpu()
     reward_s = time.perf_counter() - t_reward
-    t = choose_positions(text, rcfg.rlp_min_prefix, tokenizer.eod, gen, allowed)
-    contexts, truth = [], []
-    for b in range(text.shape[0]):
-        ctx = text[b, : int(t[b])].tolist()
-        if rcfg.rlp_max_context:
-            ctx = ctx[-rcfg.rlp_max_context:]
-        contexts.append(ctx)
-        truth.append(text[b, int(t[b]): int(t[b]) + rcfg.rlp_rpt_truth_tokens].tolist())
+    t = choose_positions(text, rcfg.rlp_min_prefix, tokenizer.eod, gen, allowed,
+                         (tokenizer.think_start, tokenizer.think_end))
+    contexts = document_contexts(text, t, tokenizer.eod, rcfg.rlp_max_context)
+    truth = [document_continuation(text[b, int(t[b]):].tolist(), tokenizer.eod,
+                                   rcfg.rlp_rpt_truth_tokens) for b in range(text.shape[0])]
     targets = text[torch.arange(text.shape[0]), t]
 
     t0 = time.perf_counter()

@@ -35,6 +35,8 @@ from .reward import (gathered_logits, info_gain_reward, rpt_reward, token_bytes_
                      token_logprobs)
 from .rollout import make_rollout, split_template
 
+LOSS_NOTE = "clipped surrogate: 0 by construction at ratio 1, watch reward_mean"
+
 _SUM_KEYS = ("reward_sum", "reward_sq_sum", "rewards", "reward_pos", "equal_reward_groups",
              "groups", "thought_len_sum", "thoughts", "stopped", "clip_tokens", "tokens",
              "sampler_kl_sum", "rollout_tokens", "rollout_s", "reward_s", "context_tokens",
@@ -220,6 +222,9 @@ class RLPCallback(Callback):
             "update_share": max(iter_s - rollout_s - reward_s, 0.0) / iter_s,
             "ntp_equivalent_tokens": int(trainer.extra_state.get("rlp_ntp_equivalent_tokens", 0)),
             "ema_updates": self.stage.teacher.updates,
+            # One update per rollout: ratio 1 and zero-sum advantages per group make the
+            # surrogate's value 0 (its gradient is the policy gradient); progress is the reward.
+            "loss_note": LOSS_NOTE,
         }
         for k in _SUM_KEYS:
             s[k] = 0.0
