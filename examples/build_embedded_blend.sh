@@ -2,6 +2,8 @@
 # Build the demo's two-phase blend from the embedded corpus:
 #   embedded corpus -> tools/estimate_quality.py (classifier tiers, one .bin/.idx per source/tier)
 #                   -> tools/build_phase_blend.py (60/40 phases, epoch caps) -> BLEND.yaml
+# The held-out documents are cut into the same tiers (the training tiers' classifier), so the
+# blend gives each source a valid_path and training reports valid_loss/<source>.
 #
 #   examples/build_embedded_blend.sh [OUT_DIR] [TOTAL_TOKENS] [EMBEDDED_DIR]
 #   python -m megatron_rlp.train --config ... --data-phases OUT_DIR/two_phase_blend.yaml
@@ -32,5 +34,10 @@ PYEOF
     --high-examples "$OUT_DIR/examples_high.jsonl" --low-examples "$OUT_DIR/examples_low.jsonl" \
     --category arithmetic=math algebra=math
 
+"$PY" "$ROOT/tools/estimate_quality.py" --input "$EMBEDDED_DIR/embedded_valid.jsonl" \
+    --output-dir "$OUT_DIR/valid_tiers" --append-eod \
+    --classifier "$OUT_DIR/tiers/classifier.npz" --category arithmetic=math algebra=math
+
 "$PY" "$ROOT/tools/build_phase_blend.py" --manifest "$OUT_DIR/tiers/manifest.json" \
+    --valid-manifest "$OUT_DIR/valid_tiers/manifest.json" \
     --total-tokens "$TOTAL_TOKENS" --output "$OUT_DIR/two_phase_blend.yaml"

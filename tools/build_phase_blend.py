@@ -9,6 +9,9 @@
 
 Manifest: JSON or YAML, `{"sources": [{name, category, tier, tokens, path}, ...]}` (what
 tools/estimate_quality.py writes); relative paths are relative to the manifest's folder.
+`--valid-manifest` (the same form; e.g. estimate_quality.py run on held-out documents with the
+training tiers' `--classifier`) gives each source of the same name a `valid_path`: the run then
+reports `valid_loss/<name>` per source (megatron_rlp/data/validation.py).
 
 Phase 1 is diverse (blend weight proportional to tokens x phase-1 tier weight: the natural
 distribution by default); phase 2 upweights high tiers and math/code. Each source's epochs over
@@ -71,22 +74,24 @@ def get_args(argv: Optional[list] = None) -> argparse.Namespace:
     p.add_argument("--phase2-category-boost", nargs="*",
                    default=fmt(blend.DEFAULT_PHASE2_CATEGORY_BOOST), metavar="CATEGORY=X",
                    help="phase-2 multiplier per category")
+    p.add_argument("--valid-manifest", help="held-out tiers, matched to --manifest by source "
+                   "name: per-source validation (`valid_path` in the blend)")
     p.add_argument("--phase-names", nargs=2, default=["phase1", "phase2"],
                    help="names logged as `phase` in metrics.jsonl")
     return p.parse_args(argv)
 
 
-def read_manifest(path: str) -> list[blend.Source]:
+def read_manifest(path: str, flag: str = "--manifest") -> list[blend.Source]:
     try:
         with open(path) as f:
             doc = yaml.safe_load(f)  # YAML is a superset of JSON
     except FileNotFoundError:
-        raise ValueError(f"--manifest {path!r}: file not found") from None
+        raise ValueError(f"{flag} {path!r}: file not found") from None
     except yaml.YAMLError as e:
-        raise ValueError(f"--manifest {path!r}: not valid JSON/YAML ({e})") from None
+        raise ValueError(f"{flag} {path!r}: not valid JSON/YAML ({e})") from None
     entries = doc.get("sources") if isinstance(doc, dict) else doc
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"--manifest {path!r}: expected {{'sources': [...]}} with at least one "
+        raise ValueError(f"{flag} {path!r}: expected {{'sources': [...]}} with at least one "
                          "source")
     base = os.path.dirname(os.path.abspath(path))
     sources = []
@@ -94,21 +99,21 @@ def read_manifest(path: str) -> list[blend.Source]:
         missing = [key for key in ("name", "tier", "tokens", "path")
                    if not isinstance(e, dict) or key not in e]
         if missing:
-            raise ValueError(f"--manifest {path!r} sources[{k}]: missing {', '.join(missing)}")
+            raise ValueError(f"{flag} {path!r} sources[{k}]: missing {', '.join(missing)}")
         prefix = e["path"] if os.path.isabs(e["path"]) else os.path.join(base, e["path"])
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
-                raise ValueError(f"--manifest {path!r} source {e['name']!r}: {prefix + ext} not "
+                raise ValueError(f"{flag} {path!r} source {e['name']!r}: {prefix + ext} not "
                                  "found; run tools/estimate_quality.py or tools/preprocess_data.py")
         try:
             sources.append(blend.Source(str(e["name"]), str(e.get("category", e["name"])),
                                         str(e["tier"]), int(e["tokens"]), prefix))
         except (TypeError, ValueError) as err:
-            raise ValueError(f"--manifest {path!r} sources[{k}]: {err}") from None
+            raise ValueError(f"{flag} {path!r} sources[{k}]: {err}") from None
     return sources
 
 
-def blend_document(plan: blend.BlendPlan, output: str) -> dict:
+def blend_document(plan: blend.BlendPlan, output: str, held_out: Optional[dict] = None) -> dict:
     """The YAML payload: per-phase Megatron `weight prefix` lists, budgets, and the table."""
     out_dir = os.path.dirname(os.path.abspath(output))
     paths = {s.name: os.path.relpath(s.path, out_dir) for s in plan.sources}
@@ -125,6 +130,8 @@ def blend_document(plan: blend.BlendPlan, output: str) -> dict:
                                    for p in plan.phases},
                         "total_epochs": round(plan.epochs(s.name), 4)}
                for s in plan.sources}
+    for name, prefix in (held_out or {}).items():  # source name -> held-out prefix
+        sources[name]["valid_path"] = os.path.relpath(prefix, out_dir)
     from megatron_rlp.data.phases import BLEND_FORMAT
 
     return {"format": BLEND_FORMAT, "total_tokens": plan.total_tokens, "phases": phases,
@@ -149,6 +156,8 @@ def main(argv: Optional[list] = None) -> int:
         if a.phase_names[0] == a.phase_names[1]:
             raise ValueError(f"--phase-names {a.phase_names}: the two names must differ")
         sources = read_manifest(a.manifest)
+        held_out = ({s.name: s.path for s in read_manifest(a.valid_manifest, "--valid-manifest")}
+                    if a.valid_manifest else {})
         plan = blend.plan_phases(sources, int(total), phases, caps)
     except ValueError as e:
         print(f"build_phase_blend: error: {e}", file=sys.stderr, flush=True)
@@ -156,7 +165,15 @@ def main(argv: Optional[list] = None) -> int:
     print(blend.format_table(plan))
     print(f"largest budget within every epoch cap: "
           f"{blend.max_total_tokens(sources, phases, caps):,} tokens")
-    doc = blend_document(plan, a.output)
+    names = {s.name for s in sources}
+    for name in sorted(set(held_out) - names):
+        print(f"note: --valid-manifest source {name!r} is not in --manifest; left out (build "
+              "both with the same tiers: --classifier of the first)", flush=True)
+        del held_out[name]
+    for name in sorted(names - set(held_out) if held_out else ()):
+        print(f"note: --valid-manifest has no held-out {name!r}: no valid_loss/{name}",
+              flush=True)
+    doc = blend_document(plan, a.output, held_out)
     os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
     tmp = f"{a.output}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:

@@ -22,11 +22,19 @@ holds round(B / seq_length) samples, rounded to whole global batches so no optim
 two phases. Phase k covers global samples [start_k, start_k + n_k); the last phase absorbs any
 samples a run asks for beyond the blend's budget. Where sample i lives is a pure function of i,
 so a resumed run (which knows only consumed_samples) reads what the uninterrupted run would.
+
+Source names (`source_names`): validation reports `valid_loss/<name>` per source of a blend, named
+from its prefixes: the file name without tools/preprocess_data.py's `_<json key>_document` suffix
+(`data/web_text_document` -> `web`); names that clash keep the whole file name, then as many
+parent folders as it takes (`v1/web_text_document`, `v2/web_text_document`).
 """
 from __future__ import annotations
 
 import bisect
 import math
+import os
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
@@ -256,3 +264,43 @@ def samples_per_phase(consumed_samples: int, budgets: Sequence[int]) -> list[int
         out.append(take)
         left -= take
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# source names
+# ----------------------------------------------------------------------------------------------
+_PREPROCESS_SUFFIX = re.compile(r"_[^_]+_document$")  # tools/preprocess_data.py: _<key>_document
+_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]")        # keeps names usable as tensorboard tags
+
+
+def _name_at(parts: list, level: int) -> str:
+    """Level 0: the short name; level k >= 1: the last k path components."""
+    if level == 0:
+        return _PREPROCESS_SUFFIX.sub("", parts[-1]) or parts[-1]
+    return "/".join(parts[-level:])
+
+
+def source_names(prefixes: Sequence[str]) -> list[str]:
+    """Readable, unique names for distinct prefixes, in order (see the module docstring)."""
+    paths = [os.path.normpath(os.path.abspath(p)).strip(os.sep).split(os.sep) for p in prefixes]
+    repeated = sorted({p for p, n in Counter(map(tuple, paths)).items() if n > 1})
+    if repeated:
+        raise ValueError(f"prefix {os.sep + os.sep.join(repeated[0])} is listed twice; "
+                         "name each source once")
+    levels = [0] * len(paths)
+    while True:
+        names = [_NAME_UNSAFE.sub("_", _name_at(parts, level)) for parts, level in
+                 zip(paths, levels)]
+        counts = Counter(names)
+        clashing = [i for i, name in enumerate(names) if counts[name] > 1]
+        growable = [i for i in clashing if levels[i] < len(paths[i])]
+        if not growable:
+            break
+        for i in growable:
+            levels[i] += 1
+    # Whole paths that differ only in characters the tag rule replaced: number them.
+    seen: Counter = Counter()
+    for i in clashing:
+        seen[names[i]] += 1
+        names[i] = f"{names[i]}-{seen[names[i]]}"
+    return names

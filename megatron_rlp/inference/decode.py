@@ -22,6 +22,12 @@ on all ranks; logits are all-gathered over the TP group. Sequence parallelism is
 `prefill` takes rows of equal length; `step` takes one token per row, rows at different lengths.
 `step` writes into the cache's KV tensors in place and replaces its Mamba states; callers copy a
 cache (`index_rows`, `repeat_rows`) before branching.
+
+Packed documents (`prefill(..., eod=)`, what `--reset-attention-mask` trains): the prefix is cut
+after each `<eod>` exactly as the training forward cuts it (`models.packed.PackedDocuments`:
+block-diagonal causal attention, Mamba2 states reset per document), the cache keeps only the last
+document's Mamba states and where it starts, and `step` continues that document — or, after a
+fed `<eod>`, starts a new one. `full_logits(..., eod=)` is the matching uncached reference.
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ from megatron.core.ssm.mamba_layer import MambaLayer
 from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_rlp.models.packed import PackedDocuments
 
 from .cache import HybridCache
 
@@ -111,25 +119,35 @@ class CachedDecoder:
     # ------------------------------------------------------------------ prefill
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, capacity: Optional[int] = None,
-                all_logits: bool = False) -> Tuple[torch.Tensor, HybridCache]:
+                all_logits: bool = False, eod: Optional[int] = None
+                ) -> Tuple[torch.Tensor, HybridCache]:
         """Run `ids [b, s]` (equal-length rows) and return the logits of the last position
         ([b, 1, V], or all positions with `all_logits`) and a cache with room for `capacity`
-        tokens in total (default s)."""
+        tokens in total (default s). `eod`: the rows are packed documents, isolated from each
+        other as in training with --reset-attention-mask (see the module docstring)."""
         b, s = ids.shape
         capacity = max(capacity or s, s)
         cache = HybridCache(lengths=torch.full((b,), s, dtype=torch.long, device=ids.device))
         h = self._embed(ids)
-        causal = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()[None, None]
+        seq_idx = None
+        if eod is None:
+            mask = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()[None, None]
+        else:
+            documents = PackedDocuments.from_tokens(ids, eod)
+            seq_idx, mask = documents.seq_idx, documents.attention_mask()
+            cache.eod, cache.doc_start = eod, documents.last_document_start()
+            cache.after_eod = ids[:, -1] == eod
         for i, (kind, layer) in enumerate(zip(self.kinds, self.layers)):
             if kind == "mamba":
-                out, conv, ssm = layer.mixer.forward_with_state(layer.norm(h.to(self.dtype)))
+                out, conv, ssm = layer.mixer.forward_with_state(layer.norm(h.to(self.dtype)),
+                                                                seq_idx=seq_idx)
                 h = h + out
                 cache.mamba[i] = (conv, ssm)
             elif kind == "attention":
                 attn = layer.self_attention
                 q, k, v = self._qkv(attn, layer.input_layernorm(h))
                 q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))    # [b, heads, s, d]
-                h = _add(attn.linear_proj(self._attend(attn, q, k, v, causal)), h)
+                h = _add(attn.linear_proj(self._attend(attn, q, k, v, mask)), h)
                 kc = k.new_zeros(b, k.shape[1], capacity, k.shape[3])
                 vc = torch.zeros_like(kc)
                 kc[:, :, :s] = k
@@ -151,10 +169,20 @@ class CachedDecoder:
             raise ValueError(f"KV cache full ({cache.capacity} tokens); prefill with a larger "
                              "capacity")
         rows = torch.arange(b, device=tokens.device)
+        first_key = torch.zeros_like(pos)
+        new_document = None
+        if cache.eod is not None:
+            # A row whose last token was <eod> starts a new document with this token.
+            new_document = cache.after_eod
+            cache.doc_start = torch.where(new_document, pos, cache.doc_start)
+            first_key = cache.doc_start
         h = self._embed(tokens[:, None])                                 # [1, b, H]
         for i, (kind, layer) in enumerate(zip(self.kinds, self.layers)):
             if kind == "mamba":
                 conv, ssm = cache.mamba[i]
+                if new_document is not None:  # fresh states for a new document
+                    conv = conv.masked_fill(new_document[:, None, None], 0)
+                    ssm = ssm.masked_fill(new_document[:, None, None, None], 0)
                 out, conv, ssm = layer.mixer.step(layer.norm(h.to(self.dtype)), conv, ssm)
                 h = h + out
                 cache.mamba[i] = (conv, ssm)
@@ -165,18 +193,24 @@ class CachedDecoder:
                 kc[rows, :, pos] = k[0]
                 vc[rows, :, pos] = v[0]
                 keys = torch.arange(kc.shape[2], device=tokens.device)
-                mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # [b, 1, 1, L]
+                mask = ((keys[None, :] <= pos[:, None])
+                        & (keys[None, :] >= first_key[:, None]))[:, None, None, :]  # [b,1,1,L]
                 q = q.permute(1, 2, 0, 3)                                # [b, nh, 1, d]
                 h = _add(attn.linear_proj(self._attend(attn, q, kc, vc, mask)), h)
             else:
                 h = _add(layer.mlp(layer.pre_mlp_layernorm(h)), h)
         cache.lengths = cache.lengths + 1
+        if cache.eod is not None:
+            cache.after_eod = tokens == cache.eod
         return self._logits(h)[:, 0]
 
 
 @torch.no_grad()
-def full_logits(model: torch.nn.Module, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """The uncached reference: the model's own forward on the whole sequence, [b, s, V] fp32."""
-    logits = unwrap_model(model)(ids, None, None)
+def full_logits(model: torch.nn.Module, ids: torch.Tensor, vocab_size: int,
+                eod: Optional[int] = None) -> torch.Tensor:
+    """The uncached reference: the model's own forward on the whole sequence, [b, s, V] fp32
+    (`eod`: packed documents isolated, the training forward of --reset-attention-mask)."""
+    documents = None if eod is None else PackedDocuments.from_tokens(ids, eod)
+    logits = unwrap_model(model)(ids, None, None, packed_seq_params=documents)
     logits = gather_from_tensor_model_parallel_region(logits)
     return logits[..., :vocab_size].float()

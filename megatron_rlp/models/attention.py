@@ -21,14 +21,18 @@ query heads — megatron's `key.repeat_interleave(np // ng, dim=2)` and SDPA's `
 What is supported, and why the rest is refused (one ValueError each, before any work):
   - causal self-attention (sq == sk), and one query over a KV cache (sq == 1: every cached key is
     in the past, so no mask; megatron's static inference passes `no_mask` for that step);
+  - packed documents (`--reset-attention-mask`): `packed_seq_params` a `packed.PackedDocuments`,
+    whose block-diagonal causal mask goes to SDPA as a boolean `attn_mask` (one fused call for
+    the whole batch, never a loop over documents; on a GPU the memory-efficient kernel takes it,
+    flash takes no mask). Without documents the call stays on the `is_causal` fast path;
   - an explicit `attention_mask` only if it *is* the causal mask (True = masked, megatron's
     convention): anything else (padding, document masks) would be silently ignored by a kernel
     that only knows `is_causal`;
   - dropout 0 (flash kernels take a dropout probability but would draw their own random numbers,
     outside megatron's RNG tracker, so TP ranks and resumed runs would not reproduce);
-  - no packed sequences (`packed_seq_params`), attention bias, sliding windows, softmax offsets,
-    QK-clip logit tracking or context parallelism — megatron's local module refuses most of these
-    too (asserts); TE's attention is the place for them.
+  - no THD packed sequences (megatron's own `packed_seq_params`), attention bias, sliding
+    windows, softmax offsets, QK-clip logit tracking or context parallelism — megatron's local
+    module refuses most of these too (asserts); TE's attention is the place for them.
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
+
+from .packed import PackedDocuments
 
 # `enable_gqa` arrived in torch 2.5; setup.py allows 2.4, where KV heads are always expanded.
 _SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -61,15 +67,18 @@ def _native_gqa(q: Tensor) -> bool:
 
 
 def causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool = True,
-                native_gqa: Optional[bool] = None) -> Tensor:
+                native_gqa: Optional[bool] = None, attn_mask: Optional[Tensor] = None) -> Tensor:
     """q [b, np, sq, hn], k/v [b, ng, sk, hn] -> [b, np, sq, hn], softmax(q k^T * scale) v.
 
     `is_causal` masks key j > query i (top-left aligned; callers pass it only when sq == sk).
-    `native_gqa` None = decide by device and dtype (see `_native_gqa`); True/False force it (tests
-    check both give megatron's head mapping)."""
+    `attn_mask` (bool [b|1, 1, sq, sk], True = attend; then `is_causal` must be False) is used
+    instead, for document masks.
+    `native_gqa` None = decide by device and dtype (see `_native_gqa`; never with a mask: the
+    kernel that takes masks, memory-efficient attention, has no grouped heads, and SDPA would fall
+    back to its math path); True/False force it (tests check both give megatron's head mapping)."""
     rep = q.shape[1] // k.shape[1]
     if native_gqa is None:
-        native_gqa = _native_gqa(q)
+        native_gqa = _native_gqa(q) and attn_mask is None
     kwargs = {}
     if rep > 1:
         if native_gqa:
@@ -77,6 +86,8 @@ def causal_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float, is_causal: bool =
         else:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
+    if attn_mask is not None:
+        kwargs["attn_mask"] = attn_mask
     return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, **kwargs)
 
 
@@ -100,6 +111,10 @@ class SDPACoreAttention(MegatronModule):
     the scores back inside its fp32 softmax (an fp16 overflow guard); the product is the same
     scale, and SDPA kernels accumulate in fp32 anyway, so only the product is kept.
     """
+
+    # Takes `packed.PackedDocuments` (block-diagonal causal mask); `--reset-attention-mask`
+    # refuses core attentions without this (`packed.refuse_attention_without_block_mask`).
+    accepts_packed_documents = True
 
     def __init__(
         self,
@@ -210,8 +225,21 @@ class SDPACoreAttention(MegatronModule):
         causal = torch.triu(ones, diagonal=sk - sq + 1)  # key j > query i (bottom-right aligned)
         if bool((attention_mask != causal).any()):
             raise ValueError(
-                "attention_mask is not the causal mask: SDPACoreAttention computes causal "
-                "attention only (padding / document masks are not supported); pass None")
+                "attention_mask is not the causal mask: SDPACoreAttention takes document masks "
+                "as packed_seq_params=PackedDocuments (--reset-attention-mask), no padding "
+                "masks; pass None")
+
+    @staticmethod
+    def _document_mask(documents: PackedDocuments, b: int, sq: int, sk: int) -> Tensor:
+        """The block-diagonal causal mask [b, 1, s, s] (True = attend) of `documents`."""
+        ids = documents.seq_idx
+        if sq != sk or ids is None or tuple(ids.shape) != (b, sq):
+            shape = None if ids is None else tuple(ids.shape)
+            raise ValueError(
+                f"PackedDocuments.seq_idx {shape} does not cover {sq} queries x {sk} keys of "
+                f"batch {b}: document masks need the whole sequence (sq == sk) and seq_idx "
+                f"[b, s] = [{b}, {sq}]")
+        return documents.attention_mask()
 
     def forward(
         self,
@@ -223,10 +251,12 @@ class SDPACoreAttention(MegatronModule):
         attention_bias: Optional[Tensor] = None,
         packed_seq_params=None,
     ) -> Tensor:
-        """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> context [sq, b, np * hn]."""
-        if packed_seq_params is not None:
-            raise ValueError("packed_seq_params: SDPACoreAttention does not support packed "
-                             "sequences (THD); use TE attention, or unpacked batches")
+        """query [sq, b, np, hn], key/value [sk, b, ng, hn] -> context [sq, b, np * hn].
+        `packed_seq_params` a `PackedDocuments`: attention stays inside each document."""
+        if packed_seq_params is not None and not isinstance(packed_seq_params, PackedDocuments):
+            raise ValueError("packed_seq_params: SDPACoreAttention takes PackedDocuments "
+                             "(--reset-attention-mask), not THD packed sequences; use TE "
+                             "attention, or unpacked batches")
         if attention_bias is not None:
             raise ValueError("attention_bias: SDPACoreAttention does not support an attention "
                              "bias; use TE attention")
@@ -245,10 +275,15 @@ class SDPACoreAttention(MegatronModule):
         is_causal = self._is_causal(attn_mask_type, sq, sk)
         if attention_mask is not None:
             self._check_mask(attention_mask, b, np_, sq, sk)
+        documents = None
+        if packed_seq_params is not None:
+            documents = self._document_mask(packed_seq_params, b, sq, sk)
+            is_causal = False  # the document mask is causal itself
 
         # [s, b, heads, hn] -> [b, heads, s, hn]: views (hn stays the unit-stride dim the
         # kernels need), no copies.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        context = causal_sdpa(q, k, v, self.softmax_scale, is_causal=is_causal)
+        context = causal_sdpa(q, k, v, self.softmax_scale, is_causal=is_causal,
+                              attn_mask=documents)
         # [b, np, sq, hn] -> [sq, b, np * hn], megatron's output layout.
         return context.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)

@@ -118,6 +118,10 @@ def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: bool = True,
     )
     mark_tensor_parallel_weights(model)
     layout_invariant_init(model, config)
+    if getattr(cfg.data, "reset_attention_mask", False):
+        from .packed import refuse_attention_without_block_mask
+
+        refuse_attention_without_block_mask(model)  # before any work, not at the first step
     return model
 
 

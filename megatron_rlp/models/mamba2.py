@@ -33,15 +33,17 @@ TP layout: ``Mamba2Sizes``, ``full_to_local_in_proj``/``local_to_full_in_proj``,
 Init: ``init_full_parameters(sizes, d_model, seed=, layer_number=, ...)`` -> the full (TP=1) tensors,
 seeded by (``config.init_seed`` or 1234, global layer number) only, so init is identical for every
 TP/PP layout; ``local_parameters(full, tp_rank, tp_size, sizes)`` -> one rank's slices.
-Checkpoint: ``split_sharded_tensor`` (megatron's per-component split); packing: ``packed_seq_idx``.
+Checkpoint: ``split_sharded_tensor`` (megatron's per-component split).
+Packed documents: ``document_seq_idx``, ``packed_seq_idx``.
 Module: ``Mamba2MixerSubmodules(in_proj, out_proj)`` and ``Mamba2Mixer`` with
   - ``forward(hidden_states [s,b,d], inference_context=None, *, packed_seq_params=None)``
     -> ``(out [s,b,d], out_bias or None)`` like MambaMixer (static inference contexts supported;
-    ``packed_seq_params.cu_seqlens_q[_padded]`` marks packed documents, and no conv or SSM state
-    crosses a document boundary: ``seq_idx`` in the conv and scan functions, ``packed_seq_idx``);
+    ``packed_seq_params`` marks packed documents — `models.packed.PackedDocuments` per row
+    (``seq_idx [b, s]``), or megatron's THD ``cu_seqlens_q[_padded]`` — and no conv or SSM state
+    crosses a document boundary: ``seq_idx`` in the conv and scan functions, `document_seq_idx`);
   - ``allocate_inference_state(batch, device=None, conv_dtype=None, ssm_dtype=torch.float32)``
     -> ``(conv_state [b, conv_dim, d_conv], ssm_state [b, h_local, p, n])`` zeros;
-  - ``forward_with_state(hidden_states [s,b,d], conv_state=None, ssm_state=None)``
+  - ``forward_with_state(hidden_states [s,b,d], conv_state=None, ssm_state=None, seq_idx=None)``
     -> ``(out [s,b,d], conv_state, ssm_state)``: prefill (or continue from given states);
   - ``step(hidden_states [1,b,d] or [b,d], conv_state, ssm_state)`` -> ``(out, conv_state, ssm_state)``:
     one decoding token. Both inference entry points return NEW state tensors (inputs are not
@@ -50,7 +52,8 @@ Module: ``Mamba2MixerSubmodules(in_proj, out_proj)`` and ``Mamba2Mixer`` with
     newest last, zero-padded, exactly as megatron's MambaMixer stores it.
 
 On CUDA, when ``causal_conv1d`` and ``mamba_ssm`` import, the full-sequence path uses their kernels
-(``causal_conv1d_fn``, ``mamba_chunk_scan_combined``); everything else is plain torch. The SSM
+(``causal_conv1d_fn``, ``mamba_chunk_scan_combined``; both take ``seq_idx``, the conv in
+channel-last layout); everything else is plain torch. The SSM
 state handed to a cache is fp32 on every path (the kernel's own final state is bf16 in bf16 runs,
 so that path computes it with ``ssd_final_state``), and ``step`` keeps it fp32.
 """
@@ -88,6 +91,7 @@ from .ssd import (
     NORM_EPS,
     GatedRMSNorm,
     causal_depthwise_conv1d,
+    conv_state_of,
     conv_step,
     ssd_scan_chunked,
     ssd_step,
@@ -111,7 +115,8 @@ def _cuda_kernels():
 
 
 def ssd_final_state(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                    initial_state: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    initial_state: Optional[torch.Tensor] = None,
+                    seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The SSM state after the last position, in fp32, without the outputs.
 
     x [b,l,h,p], dt [b,l,h] (softplus'ed), A [h] (negative), B [b,l,g,n], initial_state
@@ -123,6 +128,9 @@ def ssd_final_state(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
     Used on the CUDA path, whose kernel returns its final state rounded to C's dtype. The decay
     exponents are suffix sums accumulated from the end, so the terms that survive the decay (the
     last positions, small sums) carry no cancellation error from the long prefix.
+    ``seq_idx [b, l]`` (packed documents, as in `ssd_scan_chunked`): only the last document's
+    positions add to the state (the suffix sums over them stay inside it), and the initial state
+    counts only for rows that are one document throughout.
     """
     b, L, h, p = x.shape
     g, n = B.shape[-2:]
@@ -131,16 +139,39 @@ def ssd_final_state(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
     suffix = a.flip(1).cumsum(1).flip(1)                        # sum_{s>=t} a_s
     after = F.pad(suffix[:, 1:], (0, 0, 0, 1))                  # sum_{s>t} a_s (0 at the end)
     weight = torch.exp(after) * dt.to(ct)                       # [b,l,h]
+    if seq_idx is not None:
+        weight = weight * (seq_idx == seq_idx[:, -1:]).to(ct)[..., None]
     xw = (x.to(ct) * weight[..., None]).reshape(b, L, g, h // g, p)
     state = torch.einsum("blgkp,blgn->bgkpn", xw, B.to(ct)).reshape(b, h, p, n)
     if initial_state is not None:
-        state = state + torch.exp(suffix[:, 0])[:, :, None, None] * initial_state.to(ct)
+        carried = torch.exp(suffix[:, 0])
+        if seq_idx is not None:
+            carried = carried * (seq_idx[:, :1] == seq_idx[:, -1:]).to(ct)
+        state = state + carried[:, :, None, None] * initial_state.to(ct)
     return state
 
 
 # ----------------------------------------------------------------------------------------------
 # The mixer
 # ----------------------------------------------------------------------------------------------
+
+
+def document_seq_idx(packed_seq_params, length: int, batch: int) -> torch.Tensor:
+    """``seq_idx [batch, length]`` (document id per token) for the conv and the scan.
+
+    Our `models.packed.PackedDocuments` carries per-row ids (from `data/packing.document_ids`:
+    rows of a micro-batch have their own boundaries); megatron's THD ``PackedSeqParams`` describe
+    one stream by ``cu_seqlens``, the same for every row (`packed_seq_idx`). ``length`` is the
+    full sequence, also under sequence parallelism (in_proj gathers it before the mixer's math).
+    """
+    own = getattr(packed_seq_params, "seq_idx", None)
+    if own is None:
+        return packed_seq_idx(packed_seq_params, length).expand(batch, -1)
+    if tuple(own.shape) != (batch, length):
+        raise ValueError(f"packed_seq_params.seq_idx has shape {tuple(own.shape)}; the Mamba2 "
+                         f"mixer needs [batch, sequence] = [{batch}, {length}] (the whole "
+                         f"sequence)")
+    return own
 
 
 def packed_seq_idx(packed_seq_params, total_tokens: int) -> torch.Tensor:
@@ -319,28 +350,47 @@ class Mamba2Mixer(MegatronModule):
         zxBCdt, _ = self.in_proj(hidden_states)
         seq_idx = None
         if packed_seq_params is not None:
-            seq_idx = packed_seq_idx(packed_seq_params, zxBCdt.shape[0]).expand(zxBCdt.shape[1], -1)
+            seq_idx = document_seq_idx(packed_seq_params, *zxBCdt.shape[:2])
         y, _, _ = self._ssm(zxBCdt, seq_idx=seq_idx)
         return self.out_proj(y)
 
+    def _fast_kernels(self, activations: torch.Tensor):
+        """``(causal_conv1d_fn, mamba_chunk_scan_combined)`` for these activations, or None
+        (not on CUDA, packages missing, or ``use_fast_kernels`` off)."""
+        return _cuda_kernels() if (activations.is_cuda and self.use_fast_kernels) else None
+
+    def _conv_kernel(self, conv_fn, xBC, seq_idx, want_state):
+        """causal_conv1d + SiLU: xBC [b, l, conv_dim] -> (out [b, l, conv_dim], conv state or None).
+
+        causal_conv1d resets at document starts only in channel-last layout (``x [b, d, l]`` with
+        ``stride(1) == 1``; megatron's MambaMixer feeds it the same way), so that layout is used
+        with ``seq_idx``; without it the proven channel-first call is kept."""
+        channels_first = xBC.transpose(1, 2)  # [b, conv_dim, l], a view
+        state = conv_state_of(channels_first, self.d_conv, seq_idx) if want_state else None
+        weight, bias = self.conv1d.weight[:, 0, :], self.conv1d.bias
+        if seq_idx is None:
+            out = conv_fn(channels_first.contiguous(), weight, bias, activation="silu")
+        else:
+            out = conv_fn(xBC.contiguous().transpose(1, 2), weight, bias,
+                          seq_idx=seq_idx.to(torch.int32).contiguous(), activation="silu")
+        return out.transpose(1, 2), state
+
     def _ssm(self, zxBCdt, conv_state=None, ssm_state=None, want_state=False, seq_idx=None):
-        """zxBCdt [l, b, proj_local] -> (y [l, b, d_inner_local], conv_state, ssm_state)."""
+        """zxBCdt [l, b, proj_local] -> (y [l, b, d_inner_local], conv_state, ssm_state).
+        ``seq_idx [b, l]``: document ids; no conv or SSM state crosses a change of id."""
         L, b, _ = zxBCdt.shape
         zxBCdt = zxBCdt.transpose(0, 1)  # [b, l, .]
         z, xBC, dt = torch.split(
             zxBCdt, [self.d_inner_local_tp, self.conv_dim_local, self.nheads_local_tp], dim=-1)
-        kernels = _cuda_kernels() if (zxBCdt.is_cuda and self.use_fast_kernels) else None
+        kernels = self._fast_kernels(zxBCdt)
 
-        xBC = xBC.transpose(1, 2)  # [b, conv_dim, l]
-        if kernels is not None and conv_state is None and seq_idx is None:
-            new_conv_state = F.pad(xBC, (self.d_conv - L, 0)) if want_state else None
-            xBC = kernels[0](xBC.contiguous(), self.conv1d.weight[:, 0, :], self.conv1d.bias,
-                             activation="silu")
+        if kernels is not None and conv_state is None:
+            xBC, new_conv_state = self._conv_kernel(kernels[0], xBC, seq_idx, want_state)
         else:
-            xBC, new_conv_state = causal_depthwise_conv1d(xBC, self.conv1d.weight, self.conv1d.bias,
-                                                          conv_state, seq_idx=seq_idx)
-            xBC = self.act(xBC)
-        xBC = xBC.transpose(1, 2)  # [b, l, conv_dim]
+            xBC, new_conv_state = causal_depthwise_conv1d(
+                xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_state,
+                seq_idx=seq_idx)
+            xBC = self.act(xBC).transpose(1, 2)  # [b, l, conv_dim]
         gn = self.ngroups_local_tp * self.d_state
         x, B, C = torch.split(xBC, [self.d_inner_local_tp, gn, gn], dim=-1)
         x = x.reshape(b, L, self.nheads_local_tp, self.headdim)
@@ -361,9 +411,9 @@ class Mamba2Mixer(MegatronModule):
                 seq_idx=None if seq_idx is None else seq_idx.to(torch.int32).contiguous())
             new_ssm_state = None
             if want_state:
-                assert seq_idx is None  # forward_with_state never packs documents
                 new_ssm_state = ssd_final_state(
-                    x, F.softplus(dt.float() + self.dt_bias.float()), A, B, ssm_state)
+                    x, F.softplus(dt.float() + self.dt_bias.float()), A, B, ssm_state,
+                    seq_idx=seq_idx)
         else:
             dt = F.softplus(dt.float() + self.dt_bias.float())
             y, new_ssm_state = ssd_scan_chunked(x, dt, A, B, C, self.chunk_size, D=self.D,
@@ -389,14 +439,17 @@ class Mamba2Mixer(MegatronModule):
     def _fold_bias(self, out, bias):
         return out if bias is None else out + bias
 
-    def forward_with_state(self, hidden_states, conv_state=None, ssm_state=None):
+    def forward_with_state(self, hidden_states, conv_state=None, ssm_state=None, seq_idx=None):
         """Prefill: hidden_states [s, b, d] -> (out [s, b, d], conv_state, ssm_state).
 
         Given states continue a sequence (chunked prefill); None starts one. Returns new states
         (fp32 SSM state; conv state in the activations' dtype); out includes the out_proj bias.
+        ``seq_idx [b, s]`` (packed documents): states reset at each new document; given states
+        belong to the first document and the returned ones are the last document's.
         """
         zxBCdt, _ = self.in_proj(hidden_states)
-        y, conv_state, ssm_state = self._ssm(zxBCdt, conv_state, ssm_state, want_state=True)
+        y, conv_state, ssm_state = self._ssm(zxBCdt, conv_state, ssm_state, want_state=True,
+                                             seq_idx=seq_idx)
         out, bias = self.out_proj(y)
         return self._fold_bias(out, bias), conv_state, ssm_state
 

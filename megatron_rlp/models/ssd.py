@@ -118,6 +118,37 @@ def _intra_chunk_decay(cum: torch.Tensor, keep: Optional[torch.Tensor],
     return Ld if keep is None else Ld.mul_(keep)
 
 
+def _segment_matrix(keep: torch.Tensor) -> torch.Tensor:
+    """``keep [b,1,1,c,T,T]`` (same document) -> ``[b*c, T, T]`` fp64, 1 where ``s <= l`` in the
+    same document: the matrix of a cumulative sum that restarts at every document start."""
+    b, _, _, c, T, _ = keep.shape
+    return keep.reshape(b * c, T, T).tril().to(torch.float64)
+
+
+def _along_chunk(matrix: Optional[torch.Tensor], v: torch.Tensor, transpose: bool = False
+                 ) -> torch.Tensor:
+    """``matrix @ v`` (or ``matrix^T @ v``) along the last dim of ``v [b,g,k,c,T]``, in
+    ``matrix``'s dtype when given; ``matrix`` None is the plain cumulative sum (its transpose the
+    suffix sum), computed in ``v``'s dtype.
+
+    With documents (``matrix`` from `_segment_matrix`) the within-chunk sums restart at each
+    document start. A plain cumsum followed by differences would be mathematically equal where
+    it is used, but its rounding would depend on the previous document's values (its prefix
+    sums carry them); in a matmul the other documents' terms are exact zeros, so a document's
+    outputs do not change by a single bit when another document's tokens change.
+    """
+    if matrix is None:
+        if transpose:
+            return v.sum(dim=-1, keepdim=True) - v.cumsum(dim=-1) + v
+        return v.cumsum(dim=-1)
+    b, g, k, c, T = v.shape
+    rows = v.to(matrix.dtype).permute(0, 3, 4, 1, 2).reshape(b * c, T, g * k)
+    out = torch.bmm(matrix.transpose(1, 2) if transpose else matrix, rows)
+    # contiguous: the [T, T] tensors built from it would otherwise inherit this permuted layout
+    # (and every elementwise op and matmul on them would be several times slower)
+    return out.view(b, c, T, g, k).permute(0, 3, 4, 1, 2).contiguous()
+
+
 class _ChunkedScan(torch.autograd.Function):
     """Steps 1-4 of `ssd_scan_chunked` on chunked, head-major tensors, with a hand-written backward.
 
@@ -128,7 +159,8 @@ class _ChunkedScan(torch.autograd.Function):
       end_mask, start_mask [b,1,1,c,T] and gate [b,1,1,c] (0/1 floats), all None without documents.
     Returns Y [b,g,k,c,T,p] (without the D skip) and the final state [b,g,k,p,n].
 
-    With cum = cumsum(a) within each chunk, per head and chunk (l, s positions; matrices [rows, cols]):
+    With cum = cumsum(a) within each chunk (restarting at each document start when `keep` is
+    given, see `_along_chunk`), per head and chunk (l, s positions; matrices [rows, cols]):
       (1) Ld[l,s] = exp(cum_l - cum_s) [s<=l] keep[l,s];  G = C B^T (per group);  Y  = (G o Ld) X
       (2) w_end[s] = exp(cum_{T-1} - cum_s) end_mask[s];               S_loc = (w_end X)^T B
       (3) S_0 = init;  S_{c+1} = exp(cum_{c,T-1}) gate_c S_c + S_loc,c       (S_c enters chunk c)
@@ -146,7 +178,9 @@ class _ChunkedScan(torch.autograd.Function):
         b, g, k, nc, T, p = X.shape
         n = B.shape[-1]
         Bh, Ch = B[:, :, None], C[:, :, None]  # broadcast over the k heads of a group
-        cum64 = a.to(torch.float64).cumsum(dim=-1)  # fp64: differences below must not cancel
+        segments = None if keep is None else _segment_matrix(keep)
+        # fp64: the differences below must not cancel
+        cum64 = _along_chunk(segments, a.to(torch.float64))
         cum = cum64.to(a.dtype)
 
         # (1) intra-chunk, quadratic form
@@ -179,13 +213,13 @@ class _ChunkedScan(torch.autograd.Function):
         Q = Ch @ S_in.transpose(-1, -2)  # [b,g,k,c,T,p]
         Y.addcmul_(Q, w_start[..., None])
 
-        ctx.save_for_backward(X, B, C, Ld, G, S_in, Q, decay, w_end, w_start)
+        ctx.save_for_backward(X, B, C, Ld, G, S_in, Q, decay, w_end, w_start, segments)
         return Y, state
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dY, d_final):
-        X, B, C, Ld, G, S_in, Q, decay, w_end, w_start = ctx.saved_tensors
+        X, B, C, Ld, G, S_in, Q, decay, w_end, w_start, segments = ctx.saved_tensors
         nc = X.shape[3]
         Bh, Ch = B[:, :, None], C[:, :, None]
         dY = dY.contiguous()
@@ -223,8 +257,8 @@ class _ChunkedScan(torch.autograd.Function):
         dE = dM.mul_(M)  # exponent cum_l - cum_s (zero where masked, as M is)
         d_cum += dE.sum(dim=-1) - dE.sum(dim=-2)
 
-        # cum = cumsum(a) => da_t = sum_{s >= t} d cum_s
-        da = d_cum.sum(dim=-1, keepdim=True) - d_cum.cumsum(dim=-1) + d_cum
+        # cum = cumsum(a) => da_t = sum_{s >= t} d cum_s (within t's document with documents)
+        da = _along_chunk(segments, d_cum, transpose=True).to(d_cum.dtype)
         return dX, da, dB, dC, d_init, None, None, None, None
 
 
@@ -318,15 +352,30 @@ def causal_depthwise_conv1d(
     if seq_idx is None:
         out = F.conv1d(full[..., 1:], w, None if bias is None else bias.to(xBC.dtype),
                        groups=xBC.shape[1])
-        return out, full[..., -d_conv:].clone()
+        return out, conv_state_of(full, d_conv)
     L = xBC.shape[-1]
     seq_full = torch.cat([seq_idx[:, :1].expand(-1, d_conv), seq_idx], dim=1)  # history: 1st doc
     out = torch.zeros_like(xBC) if bias is None else bias.to(xBC.dtype)[None, :, None].expand_as(xBC)
+    # One masked multiply-add per tap (d_conv of them), never a loop over documents. A tap that
+    # reads another document adds an exact zero, so outputs do not depend on it by a single bit.
     for k in range(d_conv):  # tap k reads full position t + 1 + k (= input t - (d_conv-1) + k)
         same_doc = (seq_full[:, 1 + k:1 + k + L] == seq_idx)[:, None, :]
         out = out + w[None, :, 0, k, None] * full[..., 1 + k:1 + k + L] * same_doc
-    state_mask = (seq_full[:, -d_conv:] == seq_idx[:, -1:])[:, None, :]
-    return out, full[..., -d_conv:] * state_mask
+    return out, conv_state_of(full, d_conv, seq_full)
+
+
+def conv_state_of(inputs: torch.Tensor, d_conv: int,
+                  seq_idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The conv state after ``inputs [b, conv_dim, t]`` (raw, pre-conv): its last ``d_conv``
+    inputs, newest last, zero-padded on the left when ``t < d_conv``. With ``seq_idx [b, t]`` the
+    inputs of documents before the last one are zeroed: decoding continues the last document only.
+    Returns a new tensor."""
+    t = inputs.shape[-1]
+    state = F.pad(inputs, (d_conv - t, 0))  # a negative pad keeps the last d_conv
+    if seq_idx is not None:
+        in_last = F.pad((seq_idx == seq_idx[:, -1:]).to(inputs.dtype), (d_conv - t, 0))
+        state = state * in_last[:, None, :]
+    return state
 
 
 def conv_step(
