@@ -23,7 +23,7 @@ WORKDIR /opt/megatron-rlp
 # Dependencies first (cached layer), then the source.
 COPY setup.py pyproject.toml ./
 RUN pip install "megatron-core==0.16.1" numpy einops psutil pyyaml tokenizers tqdm \
-        "transformers>=5" safetensors tensorboard pytest
+        "transformers>=5" safetensors tensorboard pytest wandb pyarrow
 COPY . .
 # --no-deps: keep the image's torch, TransformerEngine and Triton.
 RUN pip install --no-deps -e .

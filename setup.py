@@ -30,8 +30,13 @@ setup(
         "triton",
     ],
     extras_require={
-        "dev": ["pytest", "transformers>=5", "safetensors", "matplotlib", "scikit-learn", "tensorboard"],
+        "dev": ["pytest", "transformers>=5", "safetensors", "matplotlib", "scikit-learn", "tensorboard",
+                "wandb>=0.31", "pyarrow>=14"],
         "gpu": ["transformer-engine[pytorch]", "mamba-ssm", "causal-conv1d"],
+        # --wandb-project (training/wandb_sink.py; tests read its offline run files with 0.31's
+        # `wandb leet inspect`); Parquet input of tools/preprocess_data.py.
+        "wandb": ["wandb>=0.31"],
+        "parquet": ["pyarrow>=14"],
     },
     entry_points={
         "console_scripts": [

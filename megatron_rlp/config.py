@@ -153,9 +153,21 @@ class TrainingConfig:
     seed: int = arg(1234, "Seed for init, data order and dropout.")
     bf16: bool = arg(False, "Train in bf16 with fp32 master weights.")
     log_interval: int = arg(10, "Log every this many iterations.")
+    wandb_project: Optional[str] = arg(
+        None, "Also log every metrics.jsonl record to this Weights & Biases project (needs the "
+        "wandb extra; WANDB_MODE=offline writes the run without a network).")
+    wandb_exp_name: Optional[str] = arg(None, "W&B run name (required with --wandb-project).")
+    wandb_save_dir: Optional[str] = arg(None, "Folder for W&B's run files (default <save>/wandb).")
+    wandb_entity: Optional[str] = arg(None, "W&B entity (user or team) that owns the project.")
     eval_interval: int = arg(0, "Evaluate on the validation split every N iterations (0: never).")
-    eval_iters: int = arg(4, "Micro-batches per evaluation.")
+    eval_iters: int = arg(4, "Micro-batches per evaluation, on the validation blend and again "
+                             "on each of its sources (valid_loss/<source>).")
     exit_signal_handler: bool = arg(True, "On SIGTERM, save a checkpoint and exit cleanly.")
+    exit_interval: Optional[int] = arg(
+        None, "Save and exit (code 0) after an iteration divisible by this (Megatron-LM's flag).")
+    exit_duration_in_mins: Optional[float] = arg(
+        None, "Save and exit (code 0) at the first iteration boundary after this many minutes "
+        "since the process started; leave a margin for the save before a job's wall-clock limit.")
     loss_spike_factor: Optional[float] = arg(
         None, "Stop (without saving) when an iteration's loss exceeds this factor times the mean "
         "of the previous iterations' losses (off by default: a finite jump can be legitimate).")
@@ -178,6 +190,10 @@ class TrainingConfig:
         if self.loss_spike_factor is not None and not self.loss_spike_factor > 1:
             _fail("loss_spike_factor", self.loss_spike_factor, "must be > 1",
                   "pass e.g. 3 (stop at 3x the running mean loss) or drop the flag")
+        for name in ("exit_interval", "exit_duration_in_mins"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                _fail(name, getattr(self, name), "must be > 0", "pass a positive number or "
+                      "drop the flag")
         for name in ("micro_batch_size", "seq_length", "train_iters", "log_interval"):
             if getattr(self, name) < 1:
                 _fail(name, getattr(self, name), "must be >= 1", "pass a positive integer")
@@ -193,6 +209,16 @@ class DataConfig:
     data_cache_path: Optional[str] = arg(None, "Where dataset index caches go (default <save>/cache).")
     embedded_data_dir: Optional[str] = arg(
         None, "Where the embedded corpus is generated (default ~/.cache/megatron_rlp/embedded).")
+    # Packed documents (docs/PACKED_DOCUMENTS.md): Megatron-LM's names and meanings.
+    reset_attention_mask: bool = arg(
+        False, "Isolate the documents packed in a window: block-diagonal causal attention and "
+        "Mamba2 conv/SSM state reset after each <eod> (needs an <eod> in the tokenizer).")
+    reset_position_ids: bool = arg(
+        False, "Restart position ids after each <eod>. The hybrid model has no position "
+        "embedding, so this changes its outputs only if one is added.")
+    eod_mask_loss: bool = arg(
+        False, "Drop the loss at <eod> positions (the prediction made at each <eod>, whose target "
+        "is the next document's first token), as Megatron-LM's --eod-mask-loss does.")
 
 
 @dataclass
@@ -209,12 +235,30 @@ class CheckpointConfig:
     no_ckpt_verify: bool = arg(
         False, "On load, check only file names and sizes against manifest.json, not SHA-256 "
         "sums (saves reading every byte of a huge checkpoint; misses bit flips).")
+    override_opt_param_scheduler: bool = arg(
+        False, "On resume, take the learning-rate schedule from the command line where it "
+        "differs from the checkpoint's (the schedule continues from the saved iteration).")
+    use_checkpoint_opt_param_scheduler: bool = arg(
+        False, "On resume, keep the checkpoint's learning-rate schedule where the command line "
+        "differs.")
+    async_save: bool = arg(
+        False, "Write checkpoints in the background while training continues; 'latest' moves "
+        "once every rank's files are complete.")
+    keep_last_n_checkpoints: Optional[int] = arg(
+        None, "Keep only the newest K checkpoints in --save (default: keep all).")
     dry_run: bool = arg(False, "Build on the meta device, print sizes and memory, exit.")
 
     def __post_init__(self):
         if self.ckpt_step is not None and self.ckpt_step < 0:
             _fail("ckpt_step", self.ckpt_step, "must be an iteration number (>= 0)",
                   "pass an iteration that was saved")
+        if self.override_opt_param_scheduler and self.use_checkpoint_opt_param_scheduler:
+            _fail("override_opt_param_scheduler", True,
+                  "contradicts --use-checkpoint-opt-param-scheduler",
+                  "pass one: the command line's schedule or the checkpoint's")
+        if self.keep_last_n_checkpoints is not None and self.keep_last_n_checkpoints < 1:
+            _fail("keep_last_n_checkpoints", self.keep_last_n_checkpoints, "must be >= 1",
+                  "pass how many of the newest checkpoints to keep, or drop the flag")
         if self.ckpt_step is not None and not self.load:
             _fail("ckpt_step", self.ckpt_step, "names an iteration of --load, which is not set",
                   "add --load DIR")
@@ -264,6 +308,10 @@ class RunConfig:
             _fail("pipeline_model_parallel_size", pp,
                   f"must divide --num-layers={m.num_layers} (stages must cover all layers)",
                   "choose a PP size that divides the layer count")
+        if self.training.exit_duration_in_mins is not None and not self.checkpoint.save:
+            _fail("exit_duration_in_mins", self.training.exit_duration_in_mins,
+                  "exits to be resumed, but --save is not set, so nothing would be saved",
+                  "add --save DIR")
         vpp = self.parallel.num_layers_per_virtual_pipeline_stage
         if vpp is not None and (m.num_layers // pp) % vpp:
             _fail("num_layers_per_virtual_pipeline_stage", vpp,
@@ -361,9 +409,17 @@ def load_yaml(path: str) -> dict:
 
 
 def parse_args(argv: Optional[list] = None, prog: str = "megatron-rlp-train") -> RunConfig:
-    """Flags override the YAML file, which overrides the defaults."""
+    """Flags override the YAML file, which overrides the defaults. Also checks what a launch
+    needs from its environment."""
     parser = build_parser(prog)
     namespace = vars(parser.parse_args(argv))
     values = load_yaml(namespace.pop("config")) if "config" in namespace else {}
     values.update(namespace)
-    return config_from_dict(values)
+    cfg = config_from_dict(values)
+    # W&B flags, the wandb package and WANDB_MODE: checked at launch (alike on every rank), not
+    # in RunConfig, which also rebuilds saved configs (load_model unsets --save; a machine that
+    # only loads a checkpoint need not have wandb).
+    from megatron_rlp.training.wandb_sink import check_wandb_flags
+
+    check_wandb_flags(cfg.training, cfg.checkpoint.save)
+    return cfg

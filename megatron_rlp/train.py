@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 from megatron_rlp.config import RunConfig, parse_args
+
+# --exit-duration-in-mins counts from here (Megatron-LM counts from its initialisation): the
+# imports and the model build are part of a job's wall clock too.
+PROCESS_START = time.monotonic()
 
 # Feature modules register stage builders and callback factories here (RLP, NVFP4, data phases),
 # so the trainer core stays ignorant of them.
@@ -126,6 +131,7 @@ def build_model_chunks(cfg: RunConfig, vocab_size: int) -> list:
 def build_run(cfg: RunConfig) -> Run:
     """Everything a training process needs, built in dependency order; the --save directory is
     locked for this run from here on (released by `run_training`, or now if building fails)."""
+    from megatron_rlp.data.document_inputs import DocumentInputs
     from megatron_rlp.data.tokenizer import build_tokenizer
     from megatron_rlp.training.distributed import init_distributed
     from megatron_rlp.device import barrier
@@ -133,6 +139,8 @@ def build_run(cfg: RunConfig) -> Run:
 
     check_save_dir(cfg.checkpoint.save)
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    # --reset-attention-mask & co. need the tokenizer's <eod>: refuse before any work.
+    DocumentInputs.from_config(cfg.data, tokenizer)
     init_distributed(cfg.parallel, cfg.training.seed)
     lock = lock_save_dir(cfg.checkpoint.save)
     try:
@@ -153,13 +161,14 @@ def build_run(cfg: RunConfig) -> Run:
 def _assemble_run(cfg: RunConfig, tokenizer, lock) -> Run:
     from megatron.core import parallel_state
 
-    from megatron_rlp.training.optim import build_optimizer, build_scheduler, wrap_model
+    from megatron_rlp.training.optim import build_optimizer, wrap_model
+    from megatron_rlp.training.schedule import build_scheduler, schedule_plan
     from megatron_rlp.training.trainer import PretrainStage, Trainer
 
     data_path, valid_path = resolve_data(cfg, tokenizer)
     model = wrap_model(cfg, build_model_chunks(cfg, tokenizer.vocab_size))
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer)
+    scheduler = build_scheduler(schedule_plan(cfg.to_flat_dict()), optimizer)
 
     gbs = cfg.training.global_batch(parallel_state.get_data_parallel_world_size())
     train_source = build_data_source(cfg, tokenizer, data_path, cfg.training.train_iters * gbs)
@@ -167,11 +176,11 @@ def _assemble_run(cfg: RunConfig, tokenizer, lock) -> Run:
     if valid_path:
         valid_source = build_data_source(cfg, tokenizer, valid_path,
                                          cfg.training.eval_iters * gbs, split="valid")
-        valid_stage = PretrainStage(cfg, valid_source)
+        valid_stage = PretrainStage(cfg, valid_source, tokenizer)
 
     stage_name = cfg.training.stage
     if stage_name == "pretrain":
-        stage = PretrainStage(cfg, train_source)
+        stage = PretrainStage(cfg, train_source, tokenizer)
     elif stage_name in STAGE_BUILDERS:
         stage = STAGE_BUILDERS[stage_name](cfg, model, tokenizer, train_source)
     else:
@@ -180,7 +189,8 @@ def _assemble_run(cfg: RunConfig, tokenizer, lock) -> Run:
                  if (cb := factory(cfg, model, tokenizer)) is not None]
     if hasattr(stage, "callbacks"):
         callbacks.extend(stage.callbacks())
-    trainer = Trainer(cfg, model, optimizer, scheduler, stage, callbacks, valid_source=valid_stage)
+    trainer = Trainer(cfg, model, optimizer, scheduler, stage, callbacks, valid_source=valid_stage,
+                      started_at=PROCESS_START)
     return Run(cfg, tokenizer, model, optimizer, scheduler, trainer, lock)
 
 
@@ -205,11 +215,18 @@ def load_for_run(run: Run) -> None:
     verified = ckpt.verify_checkpoint(c.load, iteration, hashes=not c.no_ckpt_verify)
     ckpt_dir = ckpt.checkpoint_dir(c.load, iteration)
     with ckpt.load_errors(ckpt_dir):
-        common_stage = _saved_stage(c.load, iteration)
+        saved = _saved_training_state(c.load, iteration)
+    common_stage = saved.get("stage", "pretrain")
     new_stage = c.finetune or common_stage != run.cfg.training.stage
     if new_stage and not c.finetune:
         refuse_new_run_over_checkpoints(
             c.save, f"--stage {run.cfg.training.stage} from a {common_stage} checkpoint", "")
+    if not new_stage and not c.no_load_optim:
+        from megatron_rlp.training.schedule import resume_schedule
+
+        scheduler = resume_schedule(run.cfg, saved.get("config"), ckpt_dir, run.optimizer)
+        if scheduler is not None:
+            run.scheduler = run.trainer.scheduler = scheduler
     run.trainer.resume(c.load, finetune=new_stage, load_optim=not c.no_load_optim,
                        load_rng=not c.no_load_rng, iteration=iteration, verify=False)
     from megatron_rlp.training.trainer import is_logging_rank
@@ -236,12 +253,11 @@ def refuse_new_run_over_checkpoints(save: Optional[str], what: str, resume_hint:
                          f"--load {save}")
 
 
-def _saved_stage(load: str, iteration: int) -> str:
+def _saved_training_state(load: str, iteration: int) -> dict:
     from megatron_rlp.training import safe_load
     from megatron_rlp.training.checkpoint import checkpoint_dir
 
-    common = safe_load.load_common_state_dict(checkpoint_dir(load, iteration))
-    return common["training"].get("stage", "pretrain")
+    return safe_load.load_common_state_dict(checkpoint_dir(load, iteration))["training"]
 
 
 def run_training(cfg: RunConfig) -> dict:

@@ -26,7 +26,9 @@ EARLIER_DIR = "iter_0000002"
 
 @pytest.fixture(scope="module")
 def flags(embedded_dir):
-    return TINY_MODEL_FLAGS + ["--embedded-data-dir", embedded_dir]
+    # The decay length is fixed, so extending a 4-iteration run to 6 keeps its schedule (a resume
+    # that changes it stops: tests/test_long_runs.py).
+    return TINY_MODEL_FLAGS + ["--embedded-data-dir", embedded_dir, "--lr-decay-iters", "6"]
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,7 @@ def test_project_collectives_put_tensors_on_the_nccl_device():
     out = run_check("fake_nccl_collectives")
     assert out["cpu_tensor_rejected"], "the fake nccl world must reject CPU tensors"
     assert out["group_device"] == "cuda:0"
-    assert out["stop_agreed"] and out["loss_reduced"] == ["loss"]
+    assert out["exit_agreement_ran"] and out["loss_reduced"] == ["loss"]
     assert {"reward_mean", "ntp_equivalent_tokens", "thought_len_mean"} <= set(out["rlp"])
     assert out["nvfp4_amax_device"] == "cuda:0"
 

@@ -90,9 +90,9 @@ def test_threaded_checkpoint_writer_writes_every_bucket_and_reports_a_failed_one
 
 _POOL_SCRIPT = """
 import sys
-from megatron_rlp.data.preprocess import ordered_results
+from megatron_rlp.data.preprocess import Chunk, ordered_results
 text = ('word ' * 2_000_000).encode()
-chunks = ([(i, b'{"text": "' + text + b'"}')] for i in range(100))
+chunks = (Chunk("giant.jsonl", [(i, b'{"text": "' + text + b'"}')]) for i in range(100))
 for _ in ordered_results(chunks, 2, ("EmbeddedTokenizer", None, ["text"], True, "uint16")):
     pass
 """
@@ -161,7 +161,8 @@ def test_long_documents_tokenise_in_pieces_to_the_same_ids_as_whole(monkeypatch)
     texts += ["", "short one", "  leading  spaces   and\ttabs\n\n\n12 + 34 = 46  "]
     assert all(len(list(preprocess.split_long_text(t))) > 5 for t in texts[:3])
     flat, lengths = preprocess.encode_documents(tok, texts, tok.eod, np.dtype(np.uint16))
-    whole = [tok.encode(t) + [tok.eod] for t in texts]
+    # Megatron-LM's rule: an empty text stays empty, without <eod>.
+    whole = [tok.encode(t) + [tok.eod] if t else [] for t in texts]
     assert lengths.tolist() == [len(w) for w in whole]
     assert flat.tolist() == [i for w in whole for i in w]
 

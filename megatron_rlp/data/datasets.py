@@ -12,11 +12,18 @@ The whole blend serves the one split asked for (`blend_per_split`), rather than 
 prefix by a "99,1,0" split string: a held-out set is its own prefix (e.g. the embedded
 `embedded_valid_text_document`), so train and validation never share documents.
 
+Upstream's order is kept for the first epoch of every source; a run that needs more samples reads
+further passes, each a seeded permutation of the first (`PretrainingDataset`), instead of asking
+upstream for more epochs, which would reshuffle the samples already read: extending --train-iters
+never changes the data of the iterations already run.
+
 Sample i (shapes [seq_length]): tokens int64, labels int64 = tokens shifted left by one (upstream
-draws seq_length + 1 tokens), loss_mask float32 (all ones: <eod> is predicted, documents are packed
-without attention reset), position_ids int64 0..seq_length-1, dataset_id int (index into
-`.prefixes`). Index i is a pure function of (files, seq_length, num_samples, seed): the trainer
-resumes by skipping consumed samples.
+draws seq_length + 1 tokens), loss_mask float32 (all ones), position_ids int64 0..seq_length-1
+(megatron's defaults: --reset-attention-mask, --reset-position-ids and --eod-mask-loss are applied
+from the tokens in the trainer's forward step, `document_inputs.py`, so the cached indices never
+depend on them), dataset_id int (index into `.prefixes`). Index i is a pure function of (files,
+weights, seq_length, seed), whatever number of samples was planned: the trainer resumes by
+skipping consumed samples.
 
 Index files (document/sample/shuffle .npy) are cached in `cache_dir`, default `<folder of the
 first prefix>/index-cache`, under names hashing the config, the tokenizer and the data files' sizes
@@ -169,24 +176,46 @@ def _fingerprint(prefixes: Sequence[str]) -> list:
 
 
 class PretrainingDataset(torch.utils.data.Dataset):
-    """Map-style view over a megatron-core GPTDataset / BlendedDataset; see the module docstring."""
+    """Map-style view over a megatron-core GPTDataset / BlendedDataset; see the module docstring.
+
+    `megatron_dataset` holds one pass (`epoch_size` samples). Sample i reads pass i // epoch_size:
+    the first pass in upstream's order, every later pass in a fresh permutation of it seeded by
+    (seed, pass). A sample's index therefore never depends on how many samples the run planned.
+    """
 
     def __init__(self, megatron_dataset, prefixes: list[str], weights: Optional[list[float]],
-                 num_samples: int, split: str):
+                 num_samples: int, split: str, seed: int = 0):
         self.megatron_dataset = megatron_dataset
         self.prefixes = prefixes
         self.weights = weights
         self.num_samples = num_samples
         self.split = split
+        self.seed = seed
+        self.epoch_size = len(megatron_dataset)
+        self._orders: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
-        # >= num_samples; upstream rounds up to whole epochs (single source) or per-source targets.
-        return len(self.megatron_dataset)
+        # Whole passes, at least num_samples.
+        return max(1, math.ceil(self.num_samples / self.epoch_size)) * self.epoch_size
+
+    def pass_order(self, epoch: int) -> Optional[np.ndarray]:
+        """Upstream index of each position of pass `epoch` (None: pass 0, upstream's own order)."""
+        if epoch == 0:
+            return None
+        if epoch not in self._orders:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._orders[epoch] = rng.permutation(self.epoch_size)
+        return self._orders[epoch]
+
+    def upstream_index(self, idx: int) -> int:
+        epoch, position = divmod(idx, self.epoch_size)
+        order = self.pass_order(epoch)
+        return position if order is None else int(order[position])
 
     def __getitem__(self, idx: int) -> dict:
         if idx < 0 or idx >= len(self):
             raise IndexError(f"sample {idx} out of range [0, {len(self)})")
-        s = self.megatron_dataset[idx]
+        s = self.megatron_dataset[self.upstream_index(idx)]
         return {
             "tokens": s["tokens"].to(torch.int64),
             "labels": s["labels"].to(torch.int64),
@@ -194,6 +223,20 @@ class PretrainingDataset(torch.utils.data.Dataset):
             "position_ids": s["position_ids"].to(torch.int64),
             "dataset_id": int(s.get("dataset_id", 0)),
         }
+
+    def draws_per_source(self, num_samples: int) -> np.ndarray:
+        """How many of the first `num_samples` samples each prefix supplies."""
+        index = getattr(self.megatron_dataset, "dataset_index", None)
+        if index is None and hasattr(self.megatron_dataset, "path_to_dataset_index"):
+            index = np.load(self.megatron_dataset.path_to_dataset_index, mmap_mode="r")
+        if index is None:  # one prefix: a plain GPTDataset
+            return np.array([num_samples])
+        index = np.asarray(index)
+        full, rest = divmod(num_samples, self.epoch_size)
+        counts = full * np.bincount(index, minlength=len(self.prefixes))
+        order = self.pass_order(full)
+        tail = index[:rest] if order is None else index[order[:rest]]
+        return counts + np.bincount(tail, minlength=len(self.prefixes))
 
 
 def refuse_object_arrays(cache_dir: str) -> None:
@@ -219,6 +262,46 @@ def refuse_object_arrays(cache_dir: str) -> None:
                 raise ValueError(f"dataset index cache {path} holds pickled Python objects, which "
                                  "megatron-rlp never writes and would not load (they can run "
                                  "code); delete the file (it is rebuilt)")
+
+
+def _samples_per_epoch(prefix: str, seq_length: int) -> int:
+    """Samples in one pass over `prefix` (upstream draws seq_length + 1 tokens, overlapping by
+    one, so every token but the last is an input)."""
+    from megatron_rlp.data.indexed import read_indexed_dataset
+
+    dataset = read_indexed_dataset(prefix)  # keep it alive: its arrays view a closing mmap
+    tokens = int(np.asarray(dataset.sequence_lengths, dtype=np.int64).sum())
+    return (tokens - 1) // seq_length
+
+
+def _single_pass_request(prefixes: list[str], weights: Optional[list[float]], seq_length: int,
+                         num_samples: int, surplus: float) -> int:
+    """How many samples to ask megatron-core for so that no source is read past its first epoch.
+
+    Upstream shuffles all the epochs a request needs together, so asking for more samples reorders
+    the first ones (e.g. extending --train-iters across an epoch boundary). Within one epoch of
+    every source its order is a prefix-stable function of the request, and the trainer's own
+    passes (`PretrainingDataset`) take over beyond it. A source too small to fill one sample in
+    one epoch keeps upstream's multi-epoch plan.
+    """
+    if weights is None and len(prefixes) > 1:
+        return num_samples  # blended by size: upstream builds one epoch of each source already
+    epochs = [_samples_per_epoch(p, seq_length) for p in prefixes]
+    if min(epochs) < 1:
+        return num_samples
+    if weights is None:
+        return min(num_samples, epochs[0])
+    total = sum(weights)
+    # Upstream asks source i for ceil(ceil(n * w_i) * (1 + surplus)) samples of a blend of n.
+    def fits(n: int) -> bool:
+        return all(math.ceil(math.ceil(n * w / total) * (1 + surplus)) <= e
+                   for w, e in zip(weights, epochs))
+
+    low, high = 0, num_samples
+    while low < high:  # the largest n <= num_samples that fits
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid - 1)
+    return low if low >= 1 else num_samples
 
 
 def build_pretraining_dataset(data_path: Sequence[str] | str, seq_length: int, num_samples: int,
@@ -259,20 +342,22 @@ def build_pretraining_dataset(data_path: Sequence[str] | str, seq_length: int, n
         blend_per_split=[blend if i == split_index else None for i in range(len(SPLITS))],
         path_to_cache=os.path.abspath(cache_dir),
         tokenizer=_TokenizerView(tokenizer, _fingerprint(prefixes)),
+        # Document masks, positions and the <eod> loss mask: see the module docstring.
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    sizes = [num_samples if i == split_index else None for i in range(len(SPLITS))]
+    request = _single_pass_request(prefixes, weights, seq_length, num_samples,
+                                   config.mid_level_dataset_surplus)
+    sizes = [request if i == split_index else None for i in range(len(SPLITS))]
     with _rank_zero_when_not_distributed():
         built = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     dataset = built[split_index]
-    if dataset is None or len(dataset) < num_samples:
+    if dataset is None or len(dataset) == 0:
         raise ValueError(
-            f"{split} data {prefixes} yields {0 if dataset is None else len(dataset)} samples of "
-            f"{seq_length} tokens, fewer than the {num_samples} requested; add data or lower "
-            f"--seq-length"
+            f"{split} data {prefixes} yields no samples of {seq_length} tokens; add data or "
+            f"lower --seq-length"
         )
-    return PretrainingDataset(dataset, prefixes, weights, num_samples, split)
+    return PretrainingDataset(dataset, prefixes, weights, num_samples, split, seed)

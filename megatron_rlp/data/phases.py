@@ -23,11 +23,18 @@ Blend file (YAML; written by tools/build_phase_blend.py, or by hand):
       - name: phase2
         tokens: 400000
         data_path: [1.0, math_high_text_document]
-    sources: {...}                   # optional, informational (the builder's table)
+    sources:                         # optional: the builder's table, keyed by source name
+      math_high: {path: math_high_text_document, valid_path: valid/math_high_text_document, ...}
 
 Relative prefixes are resolved against the blend file's folder. If the run needs more samples
 than the phases hold, the last phase continues (with a note at start-up); if fewer, the run ends
-early in the schedule. Validation data is not phased (--valid-data-path / the embedded split).
+early in the schedule.
+
+Validation: a `sources` entry may give `valid_path`, the held-out prefix of that source. When any
+does, those prefixes are the run's validation split, one `valid_loss/<name>` per entry under the
+table's name, whatever phase the run is in (a source phase 2 drops is still measured, which
+shows what the switch costs); see megatron_rlp/data/validation.py. Otherwise validation comes
+from --valid-data-path or the embedded split, as without --data-phases.
 """
 from __future__ import annotations
 
@@ -64,10 +71,7 @@ class Phase:
     data_path: list          # Megatron weight/prefix list, prefixes absolute
 
 
-def load_blend(path: str) -> list[Phase]:
-    """Parse and validate a blend file; raise ValueError naming the field and the fix."""
-    from megatron_rlp.data.datasets import parse_data_path
-
+def _read_blend_file(path: str) -> dict:
     where = f"--data-phases {path!r}"
     try:
         with open(path) as f:
@@ -82,6 +86,22 @@ def load_blend(path: str) -> list[Phase]:
     fmt = doc.get("format", BLEND_FORMAT)
     if fmt != BLEND_FORMAT:
         raise ValueError(f"{where}: format {fmt!r} is not {BLEND_FORMAT!r}")
+    return doc
+
+
+def _resolve(base: str, prefix: str) -> str:
+    return prefix if os.path.isabs(prefix) else os.path.normpath(os.path.join(base, prefix))
+
+
+def load_blend(path: str) -> list[Phase]:
+    """Parse and validate a blend file; raise ValueError naming the field and the fix."""
+    return _phases_of(_read_blend_file(path), path)
+
+
+def _phases_of(doc: dict, path: str) -> list[Phase]:
+    from megatron_rlp.data.datasets import parse_data_path
+
+    where = f"--data-phases {path!r}"
     base = os.path.dirname(os.path.abspath(path))
     phases, seen = [], set()
     for k, entry in enumerate(doc["phases"]):
@@ -101,12 +121,53 @@ def load_blend(path: str) -> list[Phase]:
             prefixes, weights = parse_data_path([str(x) for x in entry["data_path"]])
         except (ValueError, TypeError) as e:
             raise ValueError(f"{at}: data_path: {e}") from None
-        prefixes = [p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
-                    for p in prefixes]
+        prefixes = [_resolve(base, p) for p in prefixes]
         data_path = prefixes if weights is None else [
             x for w, p in zip(weights, prefixes) for x in (str(w), p)]
         phases.append(Phase(name, tokens, data_path))
     return phases
+
+
+@dataclass(frozen=True)
+class ValidSource:
+    name: str                # as the blend file's `sources` table names it
+    prefix: str              # its held-out prefix, absolute
+    phases: tuple            # names of the phases that train on it (empty: none does)
+
+
+def load_valid_sources(path: str) -> list[ValidSource]:
+    """The validation split the blend file declares: every `sources` entry with a `valid_path`
+    (the held-out prefix of that source), in the table's order; [] when no entry gives one."""
+    from megatron_rlp.data.datasets import parse_data_path
+
+    doc = _read_blend_file(path)
+    table = doc.get("sources") or {}
+    if not isinstance(table, dict):
+        raise ValueError(f"--data-phases {path!r}: 'sources' must map each source's name to its "
+                         "entry (path, valid_path, ...)")
+    base = os.path.dirname(os.path.abspath(path))
+    readers: dict = {}  # training prefix -> phases that read it
+    for phase in _phases_of(doc, path):
+        for prefix in parse_data_path(phase.data_path)[0]:
+            readers.setdefault(prefix, []).append(phase.name)
+    out = []
+    for name, entry in table.items():
+        if not isinstance(entry, dict) or "valid_path" not in entry:
+            continue
+        valid = entry["valid_path"]
+        if not isinstance(valid, str) or not valid.strip():
+            raise ValueError(f"--data-phases {path!r} sources.{name}: valid_path={valid!r} must "
+                             "be the prefix of the source's held-out .bin/.idx")
+        # parse_data_path forgives a trailing .bin/.idx, as it does for the phases' prefixes.
+        trained = (_resolve(base, parse_data_path(str(entry["path"]))[0][0])
+                   if "path" in entry else None)
+        prefix = _resolve(base, parse_data_path(valid)[0][0])
+        twin = next((v.name for v in out if v.prefix == prefix), None)
+        if twin is not None:
+            raise ValueError(f"--data-phases {path!r} sources.{name}: valid_path {valid!r} is "
+                             f"also the valid_path of {twin!r}; each source needs its own")
+        out.append(ValidSource(str(name), prefix, tuple(readers.get(trained, ()))))
+    return out
 
 
 def _source_tokens(prefix: str) -> int:
@@ -114,17 +175,6 @@ def _source_tokens(prefix: str) -> int:
 
     dataset = read_indexed_dataset(prefix)  # keep it alive: its arrays view a closing mmap
     return int(np.asarray(dataset.sequence_lengths, dtype=np.int64).sum())
-
-
-def _draws_per_source(dataset, num_samples: int) -> np.ndarray:
-    """Samples each prefix supplies among the first `num_samples` of a phase dataset."""
-    md = dataset.megatron_dataset
-    index = getattr(md, "dataset_index", None)
-    if index is None and hasattr(md, "path_to_dataset_index"):
-        index = np.load(md.path_to_dataset_index, mmap_mode="r")
-    if index is None:  # one prefix: a plain GPTDataset
-        return np.array([num_samples])
-    return np.bincount(np.asarray(index[:num_samples]), minlength=len(dataset.prefixes))
 
 
 class PhasedSource:
@@ -199,7 +249,7 @@ class PhasedSource:
             extra = f", extended by {want - n:,} past its budget" if want > n else ""
             lines.append(f"  {p.name}: samples [{start:,}, {start + n:,}) budget {n:,}, "
                          f"run reads {want:,}{extra}")
-            draws = _draws_per_source(ds, want) if want > 0 else np.zeros(len(ds.prefixes), int)
+            draws = ds.draws_per_source(want) if want > 0 else np.zeros(len(ds.prefixes), int)
             for prefix, d in zip(ds.prefixes, draws):
                 size = sizes.setdefault(prefix, _source_tokens(prefix))
                 reads[prefix] = reads.get(prefix, 0) + int(d) * self.seq_length
@@ -247,14 +297,21 @@ def build_phased_source(phases: list[Phase], tokenizer, seq_length: int, global_
 # ----------------------------------------------------------------------------------------------
 # wiring into megatron_rlp.train
 # ----------------------------------------------------------------------------------------------
-def _global_batch_size(cfg) -> int:
+def run_global_batch_size(cfg) -> int:
     from megatron.core import parallel_state
 
     return cfg.training.global_batch(parallel_state.get_data_parallel_world_size())
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def data_cache_dir(cfg) -> Optional[str]:
+    """Where dataset index caches go: --data-cache-path, else <save>/cache (as in
+    megatron_rlp.train)."""
+    return cfg.data.data_cache_path or (os.path.join(cfg.checkpoint.save, "cache")
+                                        if cfg.checkpoint.save else None)
 
 
 def phased_source_builder(cfg, tokenizer, split: str):
@@ -263,16 +320,18 @@ def phased_source_builder(cfg, tokenizer, split: str):
     if not path or split != "train":
         return None
     phases = load_blend(path)
-    gbs = _global_batch_size(cfg)
+    gbs = run_global_batch_size(cfg)
     total = cfg.training.train_iters * gbs
-    cache = cfg.data.data_cache_path or (os.path.join(cfg.checkpoint.save, "cache")
-                                         if cfg.checkpoint.save else None)
     source = build_phased_source(phases, tokenizer, cfg.training.seq_length, gbs, total,
-                                 cfg.training.seed, cache_dir=cache)
-    if _is_rank_zero():
+                                 cfg.training.seed, cache_dir=data_cache_dir(cfg))
+    if is_rank_zero():
         print(source.summary(total), flush=True)
         for note in source.notes(total, gbs):
             print(note, flush=True)
+        if cfg.data.data_path and not cfg.data.valid_data_path and load_valid_sources(path):
+            print(f"note: --data-phases {path!r} gives valid_path entries, but --data-path "
+                  "without --valid-data-path turns validation off; drop --data-path "
+                  "(--data-phases replaces it) to evaluate them", flush=True)
     _BUILT[id(cfg)] = source  # picked up by phase_callback_factory, which build_run calls next
     return source
 
@@ -300,7 +359,7 @@ class PhaseCallback:
 
     def on_iteration_start(self, trainer, iteration: int) -> None:
         k = self.source.phase_index(trainer.consumed_samples + 1)  # phase of the next sample
-        if self._last is not None and k != self._last and _is_rank_zero():
+        if self._last is not None and k != self._last and is_rank_zero():
             print(f"data phase: {self.source.phases[self._last].name} -> "
                   f"{self.source.phases[k].name} starting iteration {iteration + 1} "
                   f"(sample {trainer.consumed_samples:,})", flush=True)
@@ -329,9 +388,13 @@ def phase_callback_factory(cfg, model, tokenizer):
 
 def _register() -> None:
     from megatron_rlp import train
+    # The validation split (per source, and per the blend file's valid_path entries) is built by
+    # a builder too; this module is the data extension megatron_rlp.train imports.
+    from megatron_rlp.data.validation import validation_source_builder
 
-    if phased_source_builder not in train.DATA_SOURCE_BUILDERS:
-        train.DATA_SOURCE_BUILDERS.append(phased_source_builder)
+    for builder in (phased_source_builder, validation_source_builder):
+        if builder not in train.DATA_SOURCE_BUILDERS:
+            train.DATA_SOURCE_BUILDERS.append(builder)
     if phase_callback_factory not in train.CALLBACK_FACTORIES:
         train.CALLBACK_FACTORIES.append(phase_callback_factory)
 

@@ -1,9 +1,15 @@
-"""Parallel tokenisation workers for `tools/preprocess_data.py`.
+"""Parallel tokenisation workers for `tools/preprocess_data.py`, and the writer of their output.
 
 They live in the package, not in the tool script, so that `spawn`ed worker processes can import
 them however the tool was started (as a script, or loaded in-process by a test or another tool).
 We spawn rather than fork: forking a process that already runs threads (torch, tokenizers, a
 trainer's gloo group) can deadlock a worker on a lock that was held at fork time.
+
+Empty documents follow Megatron-LM's `tools/preprocess_data.py` (core_v0.16.1, `Encoder.encode`)
+exactly: a text that tokenises to no ids gets no sequence and no end-of-document token, but still
+an entry in the document index (two equal consecutive `document_indices`), separately for each
+key. So every key's output has one document per input document, while the sequence counts of the
+keys can differ.
 """
 from __future__ import annotations
 
@@ -13,10 +19,12 @@ import json
 import multiprocessing
 import os
 import re
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
 
 import numpy as np
 
+from megatron_rlp.data.indexed import IndexedWriter
 from megatron_rlp.data.tokenizer import build_tokenizer
 
 # Per-process state set by init_worker (the pool initializer, or directly when --workers 1).
@@ -53,15 +61,17 @@ def split_long_text(text: str, limit: Optional[int] = None) -> Iterator[str]:
 
 
 def encode_documents(tok, texts: list[str], eod: Optional[int], dtype) -> tuple:
-    """(flat ids of all `texts` with `eod` after each when given, per-document lengths),
-    encoding at most BATCH_CHARS characters at a time."""
+    """(flat ids of all `texts` with `eod` after each non-empty one when given, per-document
+    lengths), encoding at most BATCH_CHARS characters at a time. A text of no ids stays empty,
+    without `eod` (Megatron-LM's rule)."""
     lengths = np.zeros(len(texts), dtype=np.int64)
     flats, batch, batch_chars = [], [], 0  # batch: (piece, document index, is its last piece)
 
     def flush():
         encoded = tok.encode_batch([piece for piece, _, _ in batch])
         for ids, (_, doc, last) in zip(encoded, batch):
-            if last and eod is not None:
+            # Earlier pieces of `doc` were counted in `lengths` by earlier flushes.
+            if last and eod is not None and lengths[doc] + len(ids) > 0:
                 ids.append(eod)
             lengths[doc] += len(ids)
         flats.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype,
@@ -119,33 +129,66 @@ def _init_pool_worker(*initargs) -> None:
     init_worker(*initargs)
 
 
-def encode_chunk(chunk: list[tuple[int, bytes]]) -> tuple[list, list]:
-    """[(line number, raw line)] → (errors [(lineno, reason)], [(tokens, lengths) per key]).
+@dataclass
+class Chunk:
+    """A work unit: numbered documents of one input file.
+
+    `items` holds (number, payload): for JSON lines the line number and the raw line (parsed in
+    the worker, where the CPU time is), for Parquet rows (`rows=True`) the 0-based row index and
+    a tuple with one text (or None for a null) per --json-keys column."""
+    source: str
+    items: list[tuple[int, Union[bytes, tuple]]]
+    rows: bool = False
+
+    def where(self, number: int) -> str:
+        return f"{self.source}: row index {number}" if self.rows else f"{self.source}:{number}"
+
+
+def _texts_of_line(raw: bytes, keys: list[str]) -> Union[list[str], str]:
+    """The texts of one JSON line, one per key, or the reason it is malformed."""
+    try:
+        doc = json.loads(raw)  # bytes: decoded as UTF-8, errors raise ValueError
+    except ValueError as e:
+        return f"not valid JSON ({e})"
+    if not isinstance(doc, dict):
+        return f"expected a JSON object, got {type(doc).__name__}"
+    for k in keys:
+        if k not in doc:
+            return f"key {k!r} is missing"
+        if not isinstance(doc[k], str):
+            return f"key {k!r} is of type {type(doc[k]).__name__}, not a string"
+    return [doc[k] for k in keys]
+
+
+def _texts_of_row(row: tuple, keys: list[str]) -> Union[list[str], str]:
+    """The texts of one Parquet row (column types were checked when the file was opened)."""
+    for k, text in zip(keys, row):
+        if text is None:
+            return f"column {k!r} is null"
+    return list(row)
+
+
+def encode_chunk(chunk: Chunk) -> tuple[list, list]:
+    """A chunk → (errors ["FILE:LINE: reason" or "FILE: row index N: reason"],
+    [(tokens, lengths) per key]).
 
     The documents of a chunk travel back as one flat array plus their lengths per key: pickling
     thousands of small arrays would cost the parent more than writing them.
     """
     tok, keys, eod, dtype = _STATE["tokenizer"], _STATE["keys"], _STATE["eod"], _STATE["dtype"]
     errors, texts = [], {k: [] for k in keys}
-    for lineno, raw in chunk:
-        if not raw.strip():
+    for number, payload in chunk.items:
+        if chunk.rows:
+            found = _texts_of_row(payload, keys)
+        elif payload.strip():
+            found = _texts_of_line(payload, keys)
+        else:
+            continue  # a blank line
+        if isinstance(found, str):
+            errors.append(f"{chunk.where(number)}: {found}")
             continue
-        try:
-            doc = json.loads(raw)  # bytes: decoded as UTF-8, errors raise ValueError
-        except ValueError as e:
-            errors.append((lineno, f"not valid JSON ({e})"))
-            continue
-        if not isinstance(doc, dict):
-            errors.append((lineno, f"expected a JSON object, got {type(doc).__name__}"))
-            continue
-        bad = [k for k in keys if not isinstance(doc.get(k), str)]
-        if bad:
-            k = bad[0]
-            what = "missing" if k not in doc else f"of type {type(doc[k]).__name__}, not a string"
-            errors.append((lineno, f"key {k!r} is {what}"))
-            continue
-        for k in keys:
-            texts[k].append(doc[k])
+        for k, text in zip(keys, found):
+            texts[k].append(text)
     per_key = [encode_documents(tok, texts[k], eod, dtype) for k in keys]
     return errors, per_key
 
@@ -165,3 +208,25 @@ def ordered_results(chunks: Iterator, workers: int, initargs: tuple) -> Iterator
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
+
+
+class MegatronDocumentWriter(IndexedWriter):
+    """`IndexedWriter` that stores a document of zero tokens as Megatron-LM does: an entry in the
+    document index with no sequence (IndexedWriter would write a zero-length sequence)."""
+
+    def add_many(self, flat: np.ndarray, lengths: np.ndarray) -> None:
+        lengths = np.asarray(lengths, dtype=np.int64)
+        empty = np.flatnonzero(lengths == 0).tolist()
+        if not empty:
+            super().add_many(flat, lengths)
+            return
+        offsets = np.concatenate(([0], np.cumsum(lengths)))
+        begin = 0
+        for stop in empty + [len(lengths)]:  # runs of non-empty documents between empty ones
+            if stop > begin:
+                super().add_many(flat[offsets[begin]:offsets[stop]], lengths[begin:stop])
+            if stop < len(lengths):
+                # megatron-core's builder: no bytes, no sequence length, one document index.
+                self._builder.add_document(np.empty(0, dtype=self.dtype), [])
+                self.num_docs += 1
+            begin = stop + 1

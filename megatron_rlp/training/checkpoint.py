@@ -36,7 +36,7 @@ from megatron.core.tensor_parallel import random as tp_random
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_rlp import device
-from megatron_rlp.training import manifest, safe_load, save_dir
+from megatron_rlp.training import manifest, optimizer_formats, safe_load, save_dir
 from megatron_rlp.training.dcp_errors import failure_chain
 from megatron_rlp.training.save_dir import LATEST_FILE, checkpoint_dir, fallback_hint
 
@@ -221,17 +221,27 @@ def _restore_rng(state: dict) -> None:
 
 def save_checkpoint(save: str, iteration: int, model: List[torch.nn.Module], optimizer,
                     scheduler, training_state: dict,
-                    components: Optional[Dict[str, CheckpointedComponent]] = None) -> str:
+                    components: Optional[Dict[str, CheckpointedComponent]] = None,
+                    keep_last: Optional[int] = None) -> str:
     """Write `iter_NNNNNNN/` atomically and point `latest` at it. Returns the directory.
+    `start_save` and `PendingSave.finish` describe the steps; this waits for all of them."""
+    pending = start_save(save, iteration, model, optimizer, scheduler, training_state,
+                         components, keep_last)
+    pending.finish()
+    return pending.final_dir
 
-    Four steps, each agreed on by every rank before the next: make `<dir>.tmp/` (rank 0, once it
-    has checked there is room for another checkpoint the size of the last), write into it (all
-    ranks), hash its files (each rank its share), then write `manifest.json`, swap the directory
-    into place and replace `latest` (rank 0). An OSError in any step (disk full, permissions)
-    removes the `.tmp` and raises one ValueError naming the path and the intact previous
-    checkpoint. Limit: megatron writes `common.pt` on rank 0 alone, before the collective part
-    of its save; if that write fails in a multi-rank run the other ranks are already inside
-    torch's collectives, so the room check is what keeps a full disk a one-line error there."""
+
+def start_save(save: str, iteration: int, model: List[torch.nn.Module], optimizer, scheduler,
+               training_state: dict,
+               components: Optional[Dict[str, CheckpointedComponent]] = None,
+               keep_last: Optional[int] = None) -> "PendingSave":
+    """Begin a save: make `<dir>.tmp/` (rank 0, once it has checked there is room for another
+    checkpoint the size of the last), copy this rank's share of the state to host memory, and
+    start writing it from a background thread. Training may go on (`--async-save`) as soon as
+    this returns: what is written is the copy. Collective: every rank calls it at the same
+    iteration. Limit: megatron writes `common.pt` on rank 0 alone, before the collective part of
+    its save; if that write fails in a multi-rank run the other ranks are already inside torch's
+    collectives, so the room check is what keeps a full disk a one-line error there."""
     final_dir = checkpoint_dir(save, iteration)
     tmp_dir = final_dir + ".tmp"
 
@@ -252,22 +262,50 @@ def save_checkpoint(save: str, iteration: int, model: List[torch.nn.Module], opt
         state[f"ext_{name}"] = component.sharded_state_dict()
 
     # Written by threads, not forked writers + a spawn Manager that outlive a killed run.
-    from megatron_rlp.training.ckpt_writer import InProcessSaveStrategy
+    from megatron_rlp.training.ckpt_writer import BackgroundWrite, InProcessSaveStrategy
 
-    _save_step(lambda: dist_checkpointing.save(state, tmp_dir,
-                                               sharded_strategy=InProcessSaveStrategy(),
-                                               validate_access_integrity=True),
-               save, final_dir)
+    request = []
+    _save_step(lambda: request.append(dist_checkpointing.save(
+        state, tmp_dir, sharded_strategy=InProcessSaveStrategy(),
+        validate_access_integrity=True, async_sharded_save=True)), save, final_dir)
+    return PendingSave(save, iteration, BackgroundWrite(request[0]), keep_last)
 
-    mine: dict = {}
-    _save_step(lambda: mine.update(manifest.describe_files(
-        tmp_dir, manifest.list_files(tmp_dir)[_rank()::_world_size()])), save, final_dir)
-    files = {name: entry for share in device.all_gather_object(mine)
-             for name, entry in share.items()}
 
-    _save_step((lambda: save_dir.publish(save, iteration, files)) if _rank() == 0 else None,
-               save, final_dir)
-    return final_dir
+class PendingSave:
+    """A save whose files are being written in the background (see `start_save`)."""
+
+    def __init__(self, save: str, iteration: int, write, keep_last: Optional[int]):
+        self.save, self.iteration, self.write, self.keep_last = save, iteration, write, keep_last
+        self.final_dir = checkpoint_dir(save, iteration)
+
+    def written_everywhere(self) -> bool:
+        """Whether every rank's writer has finished (collective; never blocks on the writes)."""
+        return not device.any_rank(not self.write.done())
+
+    def finish(self) -> None:
+        """Wait for this rank's writer, then, each step agreed by every rank before the next:
+        megatron's finalisation (the global `.metadata`), hash the files (each rank its share),
+        write `manifest.json`, swap the directory into place and replace `latest` (rank 0), and
+        drop checkpoints beyond the newest `keep_last`. An OSError in any step (disk full,
+        permissions) removes the `.tmp` and raises one ValueError naming the path and the
+        intact previous checkpoint; until `latest` moves, the previous checkpoint is the one a
+        resume loads, so a run killed during a background write loses only this save."""
+        save, final_dir = self.save, self.final_dir
+        tmp_dir = final_dir + ".tmp"
+        _save_step(self.write.wait, save, final_dir)
+        _save_step(self.write.finalize, save, final_dir)
+        mine: dict = {}
+        _save_step(lambda: mine.update(manifest.describe_files(
+            tmp_dir, manifest.list_files(tmp_dir)[_rank()::_world_size()])), save, final_dir)
+        files = {name: entry for share in device.all_gather_object(mine)
+                 for name, entry in share.items()}
+
+        def publish():
+            save_dir.publish(save, self.iteration, files)
+            if self.keep_last is not None:
+                save_dir.keep_newest(save, self.keep_last)
+
+        _save_step(publish if _rank() == 0 else None, save, final_dir)
 
 
 def _save_step(step, save: str, final_dir: str) -> None:
@@ -386,6 +424,14 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
                                                           metadata=_optimizer_metadata())
     with load_errors(ckpt_dir):
         common = safe_load.load_common_state_dict(ckpt_dir)
+    # Saved with --use-distributed-optimizer switched the other way: the same moments in the
+    # other optimizer's layout. Ask for them under the checkpoint's names now, rebuild the
+    # non-tensor part after loading (optimizer_formats.py).
+    switch = (optimizer_formats.plan_switch(optimizer, common, ckpt_dir)
+              if optimizer is not None else None)
+    if switch is not None:
+        switch.adapt_request(state["optimizer"],
+                             {k: v for k, v in state.items() if k != "optimizer"}, saved_tensors)
     if optimizer is not None and scheduler is not None:
         state["scheduler"] = common["scheduler"]
     for name, component in (components or {}).items():
@@ -407,7 +453,8 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
         key = "model" if len(model) == 1 else f"model{i}"
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        optimizer.load_state_dict(loaded["optimizer"] if switch is None else
+                                  switch.adapt_loaded(loaded["optimizer"], common["optimizer"]))
         _unshare_adam_steps(optimizer)
         if scheduler is not None:
             scheduler.load_state_dict(common["scheduler"])

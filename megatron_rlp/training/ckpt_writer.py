@@ -14,6 +14,10 @@ and `.metadata`; loading is untouched) and changes only who writes: one thread p
 process, results handed over in a plain `queue.Queue`. Threads end with the process, whatever
 signal ends it, so a killed run leaves no processes. File writes release the GIL, so the buckets
 of one save still overlap.
+
+`BackgroundWrite` runs megatron's asynchronous save request (`dist_checkpointing.save(...,
+async_sharded_save=True)`) the same way for `--async-save` and for a blocking save: copy the state
+to host memory, write it from a thread, then megatron's finalisation once every rank is done.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import contextlib
 import queue
 import threading
 from functools import partial
+
+import torch
 
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
@@ -70,6 +76,54 @@ def _results_in_a_thread_queue():
         yield
     finally:
         filesystem_async._get_write_results_queue = original
+
+
+def snapshot_to_host(write_buckets: list) -> list:
+    """Copies of every tensor a save will write, in host memory (megatron's `preload_tensors`
+    moves GPU tensors but hands CPU tensors through as they are, and a background write of a
+    live CPU parameter would record whatever the next optimizer steps make of it)."""
+    staged = []
+    for file_name, storage_key, (bytes_data, tensor_data) in write_buckets:
+        copies = [(item, tensor.detach().to("cpu", copy=True)) for item, tensor in tensor_data]
+        staged.append((file_name, storage_key, (bytes_data, copies)))
+    return staged
+
+
+class BackgroundWrite:
+    """One rank's part of megatron's `AsyncRequest`: its files written by a thread of this
+    process from host copies taken at construction, then the request's finalisation."""
+
+    def __init__(self, request):
+        self.request = request
+        self._args = list(request.async_fn_args)
+        self._thread = None
+        if request.async_fn is None:  # nothing to write on this rank
+            return
+        self._args[1] = snapshot_to_host(self._args[1])  # (rank, write buckets, results queue)
+        self._thread = threading.Thread(target=request.async_fn, args=self._args,
+                                        kwargs=request.async_fn_kwargs, name="ckpt-save",
+                                        daemon=True)
+        self._thread.start()
+
+    def done(self) -> bool:
+        return self._thread is None or not self._thread.is_alive()
+
+    def wait(self) -> None:
+        """Block until this rank's files are written; raise the writers' error, if any, here,
+        where every rank agrees on it, instead of in the finalisation's collectives, which the
+        other ranks would enter and wait in."""
+        if self._thread is None:
+            return
+        self._thread.join()
+        pending_results = self._args[2].queue  # peek: megatron's finalisation reads it later
+        if pending_results and isinstance(pending_results[0], BaseException):
+            raise pending_results[0]
+
+    def finalize(self) -> None:
+        """megatron's finalisation (gathers every rank's write results, writes the global
+        `.metadata` and `metadata.json`); collective."""
+        for finalize_fn in self.request.finalize_fns:
+            finalize_fn()
 
 
 class InProcessSaveStrategy(TorchDistSaveShardedStrategy):

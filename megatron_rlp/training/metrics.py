@@ -1,4 +1,5 @@
-"""Progress line on stdout, `<save>/metrics.jsonl`, and tensorboard events when installed.
+"""Progress line on stdout, `<save>/metrics.jsonl`, tensorboard events when installed, and the
+same records in Weights & Biases with `--wandb-project` (training/wandb_sink.py).
 
 Throughput over a log window of n iterations taking t seconds (wall clock between two `log`
 calls, as Megatron-LM's per-interval timer):
@@ -34,10 +35,12 @@ class MetricsLogger:
 
     def __init__(self, save_dir: Optional[str], total_iters: int, enabled: bool = True,
                  resume_iteration: int = 0, *, flops_per_iteration: Optional[float] = None,
-                 num_devices: int = 1, peak_flops: Optional[float] = None):
+                 num_devices: int = 1, peak_flops: Optional[float] = None,
+                 run_config=None):
         """`flops_per_iteration`: model FLOPs of one iteration over all devices (None: no FLOP
         throughput is reported); `num_devices`: devices sharing that work (the world size);
-        `peak_flops`: dense peak FLOP/s of one device (None: no `mfu`)."""
+        `peak_flops`: dense peak FLOP/s of one device (None: no `mfu`); `run_config`: the
+        RunConfig, whose `--wandb-*` flags (when set) open a W&B run on this rank if enabled."""
         if flops_per_iteration is not None and not flops_per_iteration >= 0:
             raise ValueError(f"flops_per_iteration={flops_per_iteration!r} must be >= 0 or None")
         if num_devices < 1:
@@ -51,18 +54,22 @@ class MetricsLogger:
         self.peak_flops = peak_flops
         self.path = os.path.join(save_dir, "metrics.jsonl") if save_dir else None
         self._tb = None
+        self._wandb = None
         self._window_start = time.perf_counter()
         self._window_iters = 0
         self._window_flops: Optional[float] = 0.0  # None once an iteration of unknown cost ran
-        if not enabled or not self.path:
-            return
-        self._truncate_after(resume_iteration)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        if enabled and self.path:
+            self._truncate_after(resume_iteration)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(save_dir, "tensorboard"))
-        except ImportError:
-            self._tb = None
+                self._tb = SummaryWriter(os.path.join(save_dir, "tensorboard"))
+            except ImportError:
+                self._tb = None
+        if enabled and run_config is not None and run_config.training.wandb_project:
+            from megatron_rlp.training.wandb_sink import WandbSink
+
+            self._wandb = WandbSink.open(run_config)  # None (after a warning) if W&B fails
 
     def _truncate_after(self, iteration: int) -> None:
         if not os.path.exists(self.path):
@@ -115,15 +122,22 @@ class MetricsLogger:
             return record
         parts = [f"iter {record['iteration']:>6d}/{self.total_iters}"]
         for key, fmt in (("phase", "{}"), ("stage", "{}"), ("loss", "{:.4f}"), ("lr", "{:.3e}"),
-                         ("grad_norm", "{:.3f}"), ("reward_mean", "{:.4f}")):
+                         ("grad_norm", "{:.3f}"), ("reward_mean", "{:.4f}"),
+                         ("info_gain_positive_frac", "{:.2f}"), ("thought_stopped_frac", "{:.2f}")):
             if record.get(key) is not None:
-                parts.append(f"{key} {fmt.format(record[key])}")
+                # A stage whose loss value needs reading says how (RLP: 0 by construction).
+                note = record.get("loss_note") if key == "loss" else None
+                note = f" ({note})" if note else ""
+                parts.append(f"{key} {fmt.format(record[key])}{note}")
         parts.append(f"tok/s {record['tokens_per_s']:.0f}")
         if "tflops_per_device" in record:  # Megatron-LM's wording
             parts.append(f"throughput per GPU (TFLOP/s/GPU) {record['tflops_per_device']:.1f}")
         if "mfu" in record:
             parts.append(f"MFU {100 * record['mfu']:.1f}%")
         parts.append(f"ETA {_format_eta(eta)}")
+        # Evaluation steps end the line: the blended validation loss, then one per source.
+        parts += [f"{key} {value:.4f}" for key, value in record.items()
+                  if (key == "valid_loss" or key.startswith("valid_loss/")) and value is not None]
         print(" | ".join(parts), flush=True)
         if self.path:
             try:
@@ -146,8 +160,13 @@ class MetricsLogger:
                 print(f"warning: cannot write tensorboard events ({error.strerror}); "
                       "tensorboard logging stops", file=sys.stderr, flush=True)
                 self._tb = None
+        if self._wandb is not None and not self._wandb.log(record):
+            self._wandb = None
         return record
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None

@@ -1,4 +1,5 @@
-"""megatron-core's DDP wrapper, AdamW (plain or distributed) and LR/WD schedule for our config."""
+"""megatron-core's DDP wrapper and AdamW (plain or distributed) for our config; the learning-rate
+schedule is built in schedule.py."""
 from __future__ import annotations
 
 from typing import List
@@ -9,7 +10,6 @@ from megatron.core.distributed import (DistributedDataParallel, DistributedDataP
                                        finalize_model_grads)
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from megatron_rlp.config import RunConfig
@@ -69,30 +69,3 @@ def build_optimizer(cfg: RunConfig, model: List[torch.nn.Module]):
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     return get_megatron_optimizer(opt_config, model)
-
-
-def build_scheduler(cfg: RunConfig, optimizer) -> OptimizerParamScheduler:
-    """Schedules are in iterations (Megatron counts samples; we step it by 1 per iteration)."""
-    o = cfg.optimizer
-    decay_iters = o.lr_decay_iters or cfg.training.train_iters
-    wsd_iters = None
-    if o.lr_decay_style == "WSD":
-        wsd_iters = o.lr_wsd_decay_iters or max(1, int(0.2 * decay_iters))
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=o.lr_warmup_iters,
-        lr_decay_steps=max(decay_iters, o.lr_warmup_iters + 1),
-        lr_decay_style=o.lr_decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=decay_iters,
-        wd_incr_style="constant",
-        # A resumed run takes its schedule from the checkpoint, as Megatron does by default.
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
-        wsd_decay_steps=wsd_iters,
-        lr_wsd_decay_style=o.lr_wsd_decay_style if wsd_iters else None,
-    )

@@ -4,6 +4,7 @@ into place, and cleaning up after a save that was interrupted.
     iter_0000008/         a complete checkpoint (with manifest.json since integrity manifests)
     iter_0000012.tmp/     a save in progress, or the leftover of one that was killed
     iter_0000012.old/     the previous copy of iter_0000012 during a re-save (fallback swap only)
+    iter_0000004.deleting/  a checkpoint being removed by --keep-last-n-checkpoints
     latest                the newest complete iteration, as text; replaced by rename
 
 Plain file-system code, no collectives: callers run it on rank 0 and share the outcome.
@@ -136,6 +137,30 @@ def publish(save: str, iteration: int, files: dict) -> None:
     write_latest(save, iteration)
 
 
+def keep_newest(save: str, count: int) -> List[int]:
+    """Remove all but the newest `count` checkpoints (never the one `latest` names); returns the
+    iterations removed. Each is renamed aside first, so a crash mid-delete leaves a
+    `.deleting` folder (removed at the next start), never a half-deleted `iter_*`."""
+    latest = _read_latest(save)
+    removed = []
+    for iteration in saved_iterations(save)[:-count]:
+        if iteration == latest:
+            continue
+        doomed = checkpoint_dir(save, iteration) + ".deleting"
+        os.replace(checkpoint_dir(save, iteration), doomed)
+        shutil.rmtree(doomed)
+        removed.append(iteration)
+    return removed
+
+
+def _read_latest(save: str) -> Optional[int]:
+    try:
+        with open(os.path.join(save, LATEST_FILE)) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
 def recover_interrupted_saves(save: str) -> List[str]:
     """Undo what a save killed half-way leaves behind; returns one note per action. Call only
     while holding the directory's run lock (another live run's `.tmp` is not a leftover)."""
@@ -151,6 +176,9 @@ def recover_interrupted_saves(save: str) -> List[str]:
         elif name.endswith(".tmp") and _ITER_DIR.match(name[:-4]) and os.path.isdir(path):
             shutil.rmtree(path)
             notes.append(f"removed {path}, left by an interrupted save")
+        elif name.endswith(".deleting") and _ITER_DIR.match(name[:-9]) and os.path.isdir(path):
+            shutil.rmtree(path)
+            notes.append(f"removed {path}, left by an interrupted --keep-last-n-checkpoints")
         elif name.endswith(".old") and _ITER_DIR.match(name[:-4]) and os.path.isdir(path):
             final = path[:-4]
             if os.path.exists(final):  # the swap had completed: this is the replaced copy

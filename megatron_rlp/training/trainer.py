@@ -27,6 +27,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rlp import device
 from megatron_rlp.config import RunConfig
+from megatron_rlp.data.document_inputs import DocumentInputs
 from megatron_rlp.training import checkpoint as ckpt
 from megatron_rlp.training.metrics import MetricsLogger
 
@@ -61,9 +62,11 @@ class PretrainStage:
 
     name = "pretrain"
 
-    def __init__(self, cfg: RunConfig, data_source):
+    def __init__(self, cfg: RunConfig, data_source, tokenizer=None):
         self.cfg = cfg
         self.data_source = data_source
+        self.tokenizer = tokenizer  # its <eod> for --reset-attention-mask & co.
+        self.documents = DocumentInputs.from_config(getattr(cfg, "data", None), tokenizer)
 
     def micro_batches(self, consumed_samples: int, num_microbatches: int) -> Iterator[dict]:
         """This DP rank's micro-batches of the global batch starting at `consumed_samples`:
@@ -77,8 +80,11 @@ class PretrainStage:
     def forward_step(self, data_iterator, model):
         # Batches are built on the host; the schedule hands the model whatever we pass it.
         batch = device.to_device(next(data_iterator), device.model_device(model))
-        output = model(batch["tokens"], None, None, labels=batch["labels"])
-        return output, partial(self.loss_func, batch["loss_mask"])
+        position_ids, documents, loss_mask = self.documents.apply(batch["tokens"],
+                                                                  batch["loss_mask"])
+        output = model(batch["tokens"], position_ids, None, labels=batch["labels"],
+                       packed_seq_params=documents)
+        return output, partial(self.loss_func, loss_mask)
 
     @staticmethod
     def loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -116,7 +122,8 @@ class LossSpikeGuard:
 
 class Trainer:
     def __init__(self, cfg: RunConfig, model: List[torch.nn.Module], optimizer, scheduler,
-                 stage, callbacks: Optional[List[Callback]] = None, valid_source=None):
+                 stage, callbacks: Optional[List[Callback]] = None, valid_source=None,
+                 started_at: Optional[float] = None):
         self.cfg = cfg
         self.model = model
         self.optimizer = optimizer
@@ -128,6 +135,9 @@ class Trainer:
         self.consumed_samples = 0
         self.extra_state: dict = {}
         self._stop_requested = False
+        # time.monotonic() when the process started: --exit-duration-in-mins counts from there.
+        self.started_at = time.monotonic() if started_at is None else started_at
+        self.pending_save: Optional[ckpt.PendingSave] = None  # --async-save in flight
         self.spike_guard = LossSpikeGuard(cfg.training.loss_spike_factor)
         dp = parallel_state.get_data_parallel_world_size()
         t = cfg.training
@@ -147,12 +157,28 @@ class Trainer:
                 "config": self.cfg.to_flat_dict(), **ckpt.training_state_layout(),
                 **self.extra_state}
 
-    def save(self) -> None:
-        save = self.cfg.checkpoint.save
-        ckpt.save_checkpoint(save, self.iteration, self.model, self.optimizer, self.scheduler,
-                             self.training_state(), self.components())
+    def save(self, blocking: bool = True) -> None:
+        """Checkpoint this iteration. With --async-save and `blocking=False` the files are
+        written in the background and published by a later `finish_pending_save`; one save is in
+        flight at most (a new one first completes the previous)."""
+        c = self.cfg.checkpoint
+        self.finish_pending_save()
+        self.pending_save = ckpt.start_save(
+            c.save, self.iteration, self.model, self.optimizer, self.scheduler,
+            self.training_state(), self.components(), keep_last=c.keep_last_n_checkpoints)
+        if blocking or not c.async_save:
+            self.finish_pending_save()
+
+    def finish_pending_save(self, if_written: bool = False) -> None:
+        """Publish the save in flight (`if_written`: only if every rank has finished writing it,
+        without waiting). Collective: all ranks call it at the same iteration."""
+        pending = self.pending_save
+        if pending is None or (if_written and not pending.written_everywhere()):
+            return
+        self.pending_save = None
+        pending.finish()
         if is_logging_rank():
-            print(f"saved checkpoint {ckpt.checkpoint_dir(save, self.iteration)}", flush=True)
+            print(f"saved checkpoint {pending.final_dir}", flush=True)
 
     def resume(self, load: str, *, finetune: bool = False, load_optim: bool = True,
                load_rng: bool = True, iteration: Optional[int] = None,
@@ -227,6 +253,19 @@ class Trainer:
             chunk.train()
         return _reduce_loss_dicts(outputs).get("loss")
 
+    def validation_losses(self) -> dict:
+        """`valid_loss` on the validation blend and `valid_loss/<name>` on each source of it
+        (the data source's `sources`, megatron_rlp/data/validation.py), --eval-iters
+        micro-batches each, always from sample 0: a resumed run reports the same numbers."""
+        blended = self.evaluate(self.valid_source)
+        losses = {"valid_loss": blended}
+        split = getattr(self.valid_source, "data_source", None)
+        for name, source in getattr(split, "sources", {}).items():
+            # A one-source split is its own source: the same samples, evaluated once.
+            losses[f"valid_loss/{name}"] = blended if source is split else self.evaluate(
+                PretrainStage(self.cfg, source, self.valid_source.tokenizer))
+        return losses
+
     # ---------------------------------------------------------------- the loop
     def _install_sigterm_handler(self) -> None:
         if not self.cfg.training.exit_signal_handler:
@@ -237,15 +276,29 @@ class Trainer:
 
         signal.signal(signal.SIGTERM, request_stop)
 
-    def _stop_agreed(self) -> bool:
-        """All ranks agree to stop if any received SIGTERM (SLURM signals ranks at different
-        times; a rank that stops alone would hang the others in the next collective)."""
-        return device.any_rank(self._stop_requested)
+    def _exit_reason(self) -> Optional[str]:
+        """Why the run saves and exits after this iteration (None: it goes on), the same on every
+        rank: SLURM signals ranks at different times and clocks are read at different moments,
+        and a rank that stops alone would hang the others in the next collective."""
+        t = self.cfg.training
+        if t.exit_interval and self.iteration % t.exit_interval == 0:
+            return f"--exit-interval {t.exit_interval} reached"
+        minutes = (time.monotonic() - self.started_at) / 60
+        out_of_time = t.exit_duration_in_mins is not None and minutes >= t.exit_duration_in_mins
+        signalled, timed_out = device.all_reduce_values(
+            [self._stop_requested, out_of_time], "max")
+        if signalled:
+            return "SIGTERM received"
+        if timed_out:
+            return f"--exit-duration-in-mins {t.exit_duration_in_mins:g} reached"
+        return None
 
     def train(self) -> dict:
         t, c = self.cfg.training, self.cfg.checkpoint
+        # run_config: hook for the W&B sink (--wandb-*), opened by the logger on this rank only.
         logger = MetricsLogger(c.save, t.train_iters, enabled=is_logging_rank(),
-                               resume_iteration=self.iteration, **self._throughput_accounting())
+                               resume_iteration=self.iteration, run_config=self.cfg,
+                               **self._throughput_accounting())
         self._install_sigterm_handler()
         for callback in self.callbacks:
             callback.on_train_start(self)
@@ -253,6 +306,7 @@ class Trainer:
             chunk.train()
         tokens_in_window = 0
         summary = {"first_loss": None, "last_loss": None, "start_iteration": self.iteration}
+        exit_reason = None
         start = time.perf_counter()
         while self.iteration < t.train_iters:
             for callback in self.callbacks:
@@ -274,19 +328,24 @@ class Trainer:
                     record.update(callback.metrics(self))
                 if t.eval_interval and self.valid_source is not None \
                         and self.iteration % t.eval_interval == 0:
-                    record["valid_loss"] = self.evaluate(self.valid_source)
+                    record.update(self.validation_losses())
                 logger.log(record, tokens_in_window)
                 tokens_in_window = 0
-            stop = self._stop_agreed()
-            if c.save and (stop or self.iteration == t.train_iters
-                           or (c.save_interval and self.iteration % c.save_interval == 0)):
-                self.save()
-            if stop:
+            exit_reason = self._exit_reason()
+            last = exit_reason is not None or self.iteration == t.train_iters
+            if c.save and (last or (c.save_interval and self.iteration % c.save_interval == 0)):
+                self.save(blocking=last)
+            else:
+                self.finish_pending_save(if_written=True)
+            if exit_reason is not None:
                 if is_logging_rank():
-                    print(f"SIGTERM: saved iteration {self.iteration}, exiting", flush=True)
+                    saved = f"saved iteration {self.iteration}" if c.save else "no --save"
+                    print(f"exit: {exit_reason}; {saved}, exiting", flush=True)
                 break
+        self.finish_pending_save()
         logger.close()
-        summary.update(iteration=self.iteration, wall_s=time.perf_counter() - start)
+        summary.update(iteration=self.iteration, wall_s=time.perf_counter() - start,
+                       exit_reason=exit_reason if self.iteration < t.train_iters else None)
         return summary
 
     def _check_loss_spike(self, loss: Optional[float]) -> None:
