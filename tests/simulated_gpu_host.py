@@ -130,8 +130,8 @@ def check_fake_nccl_collectives() -> dict:
         # Fake collectives return zeros, so only reaching the end is checked here.
         training = SimpleNamespace(exit_interval=None, exit_duration_in_mins=1.0)
         trainer = SimpleNamespace(_stop_requested=True, iteration=1, started_at=0.0,
-                                  cfg=SimpleNamespace(training=training))
-        Trainer._exit_reason(trainer)
+                                  pending_save=None, cfg=SimpleNamespace(training=training))
+        Trainer._end_of_iteration(trainer)
         out["exit_agreement_ran"] = True
         losses = [{"loss": torch.empty((), device=CUDA)} for _ in range(3)]
         out["loss_reduced"] = sorted(_reduce_loss_dicts(losses))

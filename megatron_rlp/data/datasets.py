@@ -267,11 +267,9 @@ def refuse_object_arrays(cache_dir: str) -> None:
 def _samples_per_epoch(prefix: str, seq_length: int) -> int:
     """Samples in one pass over `prefix` (upstream draws seq_length + 1 tokens, overlapping by
     one, so every token but the last is an input)."""
-    from megatron_rlp.data.indexed import read_indexed_dataset
+    from megatron_rlp.data.indexed import count_tokens
 
-    dataset = read_indexed_dataset(prefix)  # keep it alive: its arrays view a closing mmap
-    tokens = int(np.asarray(dataset.sequence_lengths, dtype=np.int64).sum())
-    return (tokens - 1) // seq_length
+    return (count_tokens(prefix) - 1) // seq_length
 
 
 def _single_pass_request(prefixes: list[str], weights: Optional[list[float]], seq_length: int,

@@ -137,3 +137,9 @@ def read_indexed_dataset(prefix: str):
     which its `__del__` closes (a read after that is a segmentation fault, not an exception).
     """
     return import_indexed_dataset().IndexedDataset(prefix, multimodal=False, mmap=True)
+
+
+def count_tokens(prefix: str) -> int:
+    """Tokens in `<prefix>.bin`, from its index (no token is read)."""
+    dataset = read_indexed_dataset(prefix)  # keep it alive: its arrays view a closing mmap
+    return int(np.asarray(dataset.sequence_lengths, dtype=np.int64).sum())

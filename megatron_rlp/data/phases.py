@@ -170,13 +170,6 @@ def load_valid_sources(path: str) -> list[ValidSource]:
     return out
 
 
-def _source_tokens(prefix: str) -> int:
-    from megatron_rlp.data.indexed import read_indexed_dataset
-
-    dataset = read_indexed_dataset(prefix)  # keep it alive: its arrays view a closing mmap
-    return int(np.asarray(dataset.sequence_lengths, dtype=np.int64).sum())
-
-
 class PhasedSource:
     """The data source the trainer reads: `batch(start, count)` and `phase(consumed)`."""
 
@@ -240,6 +233,8 @@ class PhasedSource:
 
     def summary(self, total_samples: int) -> str:
         """Start-up table: per phase and source, samples, tokens and effective epochs."""
+        from megatron_rlp.data.indexed import count_tokens
+
         wanted = blend_lib.samples_per_phase(total_samples, self.budgets)
         starts = blend_lib.phase_starts(self.budgets)
         lines = [f"data phases: {len(self.phases)} phases, {sum(self.budgets):,} samples in the "
@@ -251,7 +246,7 @@ class PhasedSource:
                          f"run reads {want:,}{extra}")
             draws = ds.draws_per_source(want) if want > 0 else np.zeros(len(ds.prefixes), int)
             for prefix, d in zip(ds.prefixes, draws):
-                size = sizes.setdefault(prefix, _source_tokens(prefix))
+                size = sizes.setdefault(prefix, count_tokens(prefix))
                 reads[prefix] = reads.get(prefix, 0) + int(d) * self.seq_length
                 lines.append(f"    {os.path.basename(prefix):<40} {int(d):>9,} samples "
                              f"{int(d) * self.seq_length:>12,} tokens "

@@ -278,10 +278,6 @@ class PendingSave:
         self.save, self.iteration, self.write, self.keep_last = save, iteration, write, keep_last
         self.final_dir = checkpoint_dir(save, iteration)
 
-    def written_everywhere(self) -> bool:
-        """Whether every rank's writer has finished (collective; never blocks on the writes)."""
-        return not device.any_rank(not self.write.done())
-
     def finish(self) -> None:
         """Wait for this rank's writer, then, each step agreed by every rank before the next:
         megatron's finalisation (the global `.metadata`), hash the files (each rank its share),

@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from functools import partial
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -169,11 +169,11 @@ class Trainer:
         if blocking or not c.async_save:
             self.finish_pending_save()
 
-    def finish_pending_save(self, if_written: bool = False) -> None:
-        """Publish the save in flight (`if_written`: only if every rank has finished writing it,
-        without waiting). Collective: all ranks call it at the same iteration."""
+    def finish_pending_save(self) -> None:
+        """Publish the save in flight, waiting for its writers. Collective: all ranks call it at
+        the same iteration."""
         pending = self.pending_save
-        if pending is None or (if_written and not pending.written_everywhere()):
+        if pending is None:
             return
         self.pending_save = None
         pending.finish()
@@ -276,22 +276,26 @@ class Trainer:
 
         signal.signal(signal.SIGTERM, request_stop)
 
-    def _exit_reason(self) -> Optional[str]:
-        """Why the run saves and exits after this iteration (None: it goes on), the same on every
-        rank: SLURM signals ranks at different times and clocks are read at different moments,
-        and a rank that stops alone would hang the others in the next collective."""
+    def _end_of_iteration(self) -> Tuple[Optional[str], bool]:
+        """(why the run saves and exits after this iteration, None if it goes on; whether every
+        rank has finished writing the save in flight), the same on every rank, from one small
+        all-reduce: SLURM signals ranks at different times, clocks and background writers are
+        read at different moments, and a rank that acts alone would hang the others in the next
+        collective."""
         t = self.cfg.training
-        if t.exit_interval and self.iteration % t.exit_interval == 0:
-            return f"--exit-interval {t.exit_interval} reached"
         minutes = (time.monotonic() - self.started_at) / 60
         out_of_time = t.exit_duration_in_mins is not None and minutes >= t.exit_duration_in_mins
-        signalled, timed_out = device.all_reduce_values(
-            [self._stop_requested, out_of_time], "max")
-        if signalled:
-            return "SIGTERM received"
-        if timed_out:
-            return f"--exit-duration-in-mins {t.exit_duration_in_mins:g} reached"
-        return None
+        writing = self.pending_save is not None and not self.pending_save.write.done()
+        signalled, timed_out, anyone_writing = device.all_reduce_values(
+            [self._stop_requested, out_of_time, writing], "max")
+        reason = None
+        if t.exit_interval and self.iteration % t.exit_interval == 0:
+            reason = f"--exit-interval {t.exit_interval} reached"
+        elif signalled:
+            reason = "SIGTERM received"
+        elif timed_out:
+            reason = f"--exit-duration-in-mins {t.exit_duration_in_mins:g} reached"
+        return reason, not anyone_writing
 
     def train(self) -> dict:
         t, c = self.cfg.training, self.cfg.checkpoint
@@ -331,12 +335,12 @@ class Trainer:
                     record.update(self.validation_losses())
                 logger.log(record, tokens_in_window)
                 tokens_in_window = 0
-            exit_reason = self._exit_reason()
+            exit_reason, save_written = self._end_of_iteration()
             last = exit_reason is not None or self.iteration == t.train_iters
             if c.save and (last or (c.save_interval and self.iteration % c.save_interval == 0)):
                 self.save(blocking=last)
-            else:
-                self.finish_pending_save(if_written=True)
+            elif save_written:
+                self.finish_pending_save()
             if exit_reason is not None:
                 if is_logging_rank():
                     saved = f"saved iteration {self.iteration}" if c.save else "no --save"
