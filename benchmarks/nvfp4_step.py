@@ -63,12 +63,11 @@ def main() -> None:
     import torch
 
     from megatron_rlp.quant import QUANT_STATS
-    from megatron_rlp.train import _import_extensions, _quiet_known_import_warnings
+    from megatron_rlp.train import _quiet_known_import_warnings
     from megatron_rlp.training.distributed import destroy_distributed
 
     torch.set_num_threads(args.threads)
     _quiet_known_import_warnings()
-    _import_extensions()
     iters = args.warmup + args.steps
     base_flags = ["--config", os.path.join(REPO, "examples", "tiny_cpu.yaml"),
                   "--train-iters", str(iters), "--eval-interval", "0", "--save-interval", "0"]

@@ -39,11 +39,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from megatron_rlp.config import parse_args
-    from megatron_rlp import train
     from megatron_rlp.inference.decode import CachedDecoder
     from megatron_rlp.inference.generate import generate, generate_uncached
+    from megatron_rlp.train import build_run
 
-    train._import_extensions()
     data_dir = args.embedded_data_dir or os.path.join(tempfile.gettempdir(), "megatron_rlp_bench_emb")
     cfg = parse_args(TINY + [
         "--stage", "rlp", "--micro-batch-size", str(args.contexts), "--train-iters", "100",
@@ -51,7 +50,7 @@ def main(argv=None) -> int:
         "--rlp-prompt-template", "{context}", "--rlp-max-context", str(args.prompt_length),
         "--lr", "1e-6", "--min-lr", "1e-6", "--lr-decay-style", "constant",
         "--lr-warmup-iters", "0", "--embedded-data-dir", data_dir])
-    run = train.build_run(cfg)
+    run = build_run(cfg)
     model, vocab = run.model[0], run.tokenizer.vocab_size
     decoder = CachedDecoder(model, vocab)
     g = torch.Generator().manual_seed(0)

@@ -54,7 +54,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # compile buys nothing on a CPU
     from megatron_rlp.config import parse_args
-    from megatron_rlp.train import _import_extensions, build_run
+    from megatron_rlp.train import build_run
     from megatron_rlp.training.distributed import destroy_distributed
 
     seq = args.seq_length or (128 if args.tiny else 4096)
@@ -65,7 +65,6 @@ def main() -> None:
         "--train-iters", str(args.warmup + args.steps), "--lr-warmup-iters", "1",
         "--log-interval", "1000000", "--seed", "1234",
         "--bf16" if bf16 else "--no-bf16"] + args.train_flags
-    _import_extensions()
     cfg = parse_args(flags)
     run = build_run(cfg)
     model = run.model

@@ -55,6 +55,24 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+# ------------------------------------------------------------------------ which rank speaks
+def is_rank_zero() -> bool:
+    """Global rank 0 (or a world of one): prints a run's one-off notes and owns its --save files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def is_logging_rank() -> bool:
+    """The rank that holds the loss and writes the metrics: the last pipeline stage's first TP
+    and DP rank (rank 0 before megatron's groups exist)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return is_rank_zero()
+    return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0)
+
+
 # ------------------------------------------------------------------------ collectives
 def is_distributed(group=None) -> bool:
     """True when a collective over `group` would talk to another process."""

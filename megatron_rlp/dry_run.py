@@ -10,23 +10,9 @@ hold the same shapes). Counts are exact; memory is an estimate, explained in `me
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
-from megatron_rlp.config import RunConfig, arg, register_section
+from megatron_rlp.config import RunConfig
 
 GIB = 1024 ** 3
-
-
-@dataclass
-class DryRunConfig:
-    dry_run_world_size: Optional[int] = arg(
-        None, "--dry-run: GPUs to plan for (default TP x PP, one data-parallel replica).")
-    dry_run_vocab_size: Optional[int] = arg(
-        None, "--dry-run: vocabulary size to assume (default: the tokenizer's).")
-
-
-register_section("dry_run_plan", DryRunConfig)
 
 
 def _stage_params(model) -> dict:
@@ -194,4 +180,4 @@ def _print_report(report: dict) -> None:
           flush=True)
 
 
-__all__ = ["dry_run", "DryRunConfig", "activation_bytes_per_microbatch", "memory_estimate"]
+__all__ = ["dry_run", "activation_bytes_per_microbatch", "memory_estimate"]

@@ -72,10 +72,7 @@ def _generate(args) -> None:
     if args.max_new_tokens < 1 or args.num_samples < 1:
         raise ValueError("--max-new-tokens and --num-samples must be >= 1")
     from megatron_rlp.data.tokenizer import build_tokenizer
-    from megatron_rlp.inference.load import load_model
-    from megatron_rlp.train import _import_extensions
-
-    _import_extensions()  # a saved run config may hold extension keys (rlp_*, fp4 ...)
+    from megatron_rlp.loading import load_model
 
     model = load_model(args.load)
     d = model.run_config.data

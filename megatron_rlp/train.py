@@ -12,41 +12,13 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Optional
 
 from megatron_rlp.config import RunConfig, parse_args
 
 # --exit-duration-in-mins counts from here (Megatron-LM counts from its initialisation): the
 # imports and the model build are part of a job's wall clock too.
 PROCESS_START = time.monotonic()
-
-# Feature modules register stage builders and callback factories here (RLP, NVFP4, data phases),
-# so the trainer core stays ignorant of them.
-STAGE_BUILDERS: Dict[str, Callable] = {}
-CALLBACK_FACTORIES: List[Callable] = []
-DATA_SOURCE_BUILDERS: List[Callable] = []
-MODEL_SPEC_HOOKS: List[Callable] = []
-# (cfg) -> text or None, printed after the --dry-run report (e.g. the NVFP4 precision plan).
-DRY_RUN_REPORTS: List[Callable] = []
-
-# Under `python -m megatron_rlp.train` this file runs as `__main__`; extensions register with
-# `from megatron_rlp import train`, which would otherwise import a second copy whose registries
-# main() never reads. Alias the running module so both names are the same object.
-if __name__ == "__main__":
-    sys.modules.setdefault("megatron_rlp.train", sys.modules[__name__])
-
-
-def _import_extensions() -> None:
-    """Import feature packages that register sections/stages, if they are present."""
-    import importlib
-
-    for name in ("megatron_rlp.quant.integration", "megatron_rlp.rlp.stage",
-                 "megatron_rlp.data.phases", "megatron_rlp.dry_run"):
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name is None or not name.startswith(error.name):
-                raise
 
 
 def check_save_dir(save: Optional[str]) -> None:
@@ -75,57 +47,24 @@ class Run:
     lock: object = None  # the --save directory's RunLock (rank 0), released when the run ends
 
 
-def resolve_data(cfg: RunConfig, tokenizer):
-    """Training and validation data paths; the embedded corpus when --data-path is not given."""
-    from megatron_rlp.data.embedded import embedded_paths, ensure_embedded_dataset
-
-    if cfg.data.data_path:
-        return list(cfg.data.data_path), list(cfg.data.valid_data_path) or None
-    out_dir = cfg.data.embedded_data_dir or os.path.join(
-        os.path.expanduser("~"), ".cache", "megatron_rlp", "embedded")
-    # Safe on every rank at once: generation holds a file lock and renames into place.
-    train_prefix = ensure_embedded_dataset(out_dir)
-    paths = embedded_paths(out_dir)
-    return [train_prefix], [paths.valid_prefix]
-
-
-def build_data_source(cfg: RunConfig, tokenizer, data_path: list, num_samples: int,
-                      split: str = "train"):
-    from megatron_rlp.data.datasets import build_pretraining_dataset
-    from megatron_rlp.training.data_source import DatasetSource
-
-    for builder in DATA_SOURCE_BUILDERS:
-        source = builder(cfg, tokenizer, split)
-        if source is not None:
-            return source
-    cache = cfg.data.data_cache_path or (os.path.join(cfg.checkpoint.save, "cache")
-                                         if cfg.checkpoint.save else None)
-    # Called on every rank: megatron's builder indexes on rank 0 first and then the others read.
-    dataset = build_pretraining_dataset(
-        data_path, seq_length=cfg.training.seq_length, num_samples=num_samples,
-        seed=cfg.training.seed, tokenizer=tokenizer, split=split, cache_dir=cache)
-    return DatasetSource(dataset)
-
-
 def build_model_chunks(cfg: RunConfig, vocab_size: int) -> list:
     """This rank's model chunk, on this rank's device: its pipeline stage (interleaved stages are
-    rejected earlier)."""
+    rejected earlier), converted by the extensions that change a model (NVFP4)."""
     from megatron.core import parallel_state
 
+    from megatron_rlp.device import compute_device
+    from megatron_rlp.extensions import EXTENSIONS
     from megatron_rlp.models.hybrid import build_model
 
-    from megatron_rlp.device import compute_device
-
-    spec = None
-    for hook in MODEL_SPEC_HOOKS:
-        spec = hook(cfg) or spec
-    chunk = build_model(cfg, vocab_size,
-                        pre_process=parallel_state.is_pipeline_first_stage(),
-                        post_process=parallel_state.is_pipeline_last_stage(),
-                        stack_spec=spec)
+    chunks = [build_model(cfg, vocab_size,
+                          pre_process=parallel_state.is_pipeline_first_stage(),
+                          post_process=parallel_state.is_pipeline_last_stage())]
+    for extension in EXTENSIONS:
+        if extension.convert_model is not None:
+            extension.convert_model(chunks, cfg)
     # Initialised on the CPU (identical weights for every layout), then placed once, before the
     # DDP wrapper allocates its grad buffers on the current device (Megatron-LM's get_model).
-    return [chunk.to(compute_device())]
+    return [chunk.to(compute_device()) for chunk in chunks]
 
 
 def build_run(cfg: RunConfig) -> Run:
@@ -159,39 +98,45 @@ def build_run(cfg: RunConfig) -> Run:
 
 
 def _assemble_run(cfg: RunConfig, tokenizer, lock) -> Run:
-    from megatron.core import parallel_state
-
+    from megatron_rlp.data.run_data import resolve_data
+    from megatron_rlp.data.validation import validation_source
+    from megatron_rlp.extensions import EXTENSIONS, stage_builder
     from megatron_rlp.training.optim import build_optimizer, wrap_model
     from megatron_rlp.training.schedule import build_scheduler, schedule_plan
     from megatron_rlp.training.trainer import PretrainStage, Trainer
 
-    data_path, valid_path = resolve_data(cfg, tokenizer)
+    data_path, _ = resolve_data(cfg)
     model = wrap_model(cfg, build_model_chunks(cfg, tokenizer.vocab_size))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(schedule_plan(cfg.to_flat_dict()), optimizer)
 
-    gbs = cfg.training.global_batch(parallel_state.get_data_parallel_world_size())
-    train_source = build_data_source(cfg, tokenizer, data_path, cfg.training.train_iters * gbs)
-    valid_stage = None
-    if valid_path:
-        valid_source = build_data_source(cfg, tokenizer, valid_path,
-                                         cfg.training.eval_iters * gbs, split="valid")
-        valid_stage = PretrainStage(cfg, valid_source, tokenizer)
+    train_source = _train_source(cfg, tokenizer, data_path)
+    valid = validation_source(cfg, tokenizer)
+    valid_stage = PretrainStage(cfg, valid, tokenizer) if valid is not None else None
 
-    stage_name = cfg.training.stage
-    if stage_name == "pretrain":
+    if cfg.training.stage == "pretrain":
         stage = PretrainStage(cfg, train_source, tokenizer)
-    elif stage_name in STAGE_BUILDERS:
-        stage = STAGE_BUILDERS[stage_name](cfg, model, tokenizer, train_source)
     else:
-        raise ValueError(f"--stage={stage_name!r} is not available in this installation")
-    callbacks = [cb for factory in CALLBACK_FACTORIES
-                 if (cb := factory(cfg, model, tokenizer)) is not None]
+        stage = stage_builder(cfg.training.stage)(cfg, model, tokenizer, train_source)
+    callbacks = [callback for e in EXTENSIONS if e.callbacks is not None
+                 for callback in e.callbacks(cfg, model, tokenizer, train_source)]
     if hasattr(stage, "callbacks"):
         callbacks.extend(stage.callbacks())
     trainer = Trainer(cfg, model, optimizer, scheduler, stage, callbacks, valid_source=valid_stage,
                       started_at=PROCESS_START)
     return Run(cfg, tokenizer, model, optimizer, scheduler, trainer, lock)
+
+
+def _train_source(cfg: RunConfig, tokenizer, data_path: list):
+    """An extension's training source (a --data-phases schedule), else the --data-path blend."""
+    from megatron_rlp.data.run_data import build_train_source
+    from megatron_rlp.extensions import EXTENSIONS
+
+    for extension in EXTENSIONS:
+        source = extension.train_source and extension.train_source(cfg, tokenizer)
+        if source is not None:
+            return source
+    return build_train_source(cfg, tokenizer, data_path)
 
 
 def load_for_run(run: Run) -> None:
@@ -229,7 +174,7 @@ def load_for_run(run: Run) -> None:
             run.scheduler = run.trainer.scheduler = scheduler
     run.trainer.resume(c.load, finetune=new_stage, load_optim=not c.no_load_optim,
                        load_rng=not c.no_load_rng, iteration=iteration, verify=False)
-    from megatron_rlp.training.trainer import is_logging_rank
+    from megatron_rlp.device import is_logging_rank
 
     if is_logging_rank():
         if not verified:
@@ -268,7 +213,7 @@ def run_training(cfg: RunConfig) -> dict:
     finally:
         if run.lock is not None:
             run.lock.release()
-    from megatron_rlp.training.trainer import is_logging_rank
+    from megatron_rlp.device import is_logging_rank
 
     if is_logging_rank():
         first, last = summary["first_loss"], summary["last_loss"]
@@ -291,7 +236,6 @@ def _quiet_known_import_warnings() -> None:
 
 def main(argv: Optional[list] = None) -> int:
     _quiet_known_import_warnings()
-    _import_extensions()
     from megatron_rlp.cli import EXPECTED_ERRORS, run_main
 
     # FloatingPointError: training stopped on a non-finite gradient norm (nothing was saved).
@@ -302,10 +246,11 @@ def main(argv: Optional[list] = None) -> int:
 def _run(cfg: RunConfig) -> None:
     if cfg.checkpoint.dry_run:
         from megatron_rlp.dry_run import dry_run
+        from megatron_rlp.extensions import EXTENSIONS
 
         dry_run(cfg)
-        for report in DRY_RUN_REPORTS:
-            text = report(cfg)
+        for extension in EXTENSIONS:
+            text = extension.dry_run_report and extension.dry_run_report(cfg)
             if text:
                 print(text, flush=True)
         return

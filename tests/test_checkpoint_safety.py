@@ -139,7 +139,7 @@ def test_untouched_checkpoint_loads_and_the_hooks_are_removed_afterwards(run_cop
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.filesystem import FileSystemReader
 
-    from megatron_rlp.inference.load import load_model
+    from megatron_rlp import load_model
 
     upstream = (FileSystemReader.read_metadata, FileSystemReader.read_data,
                 DefaultLoadPlanner.load_bytes)
@@ -190,7 +190,7 @@ def test_resume_without_rng_refuses_a_payload_in_a_layers_extra_state(tiny_flags
 
 @pytest.mark.parametrize("where", ["metadata", "extra_state"])
 def test_load_model_refuses_a_payload(run_copy, tmp_path, where):
-    from megatron_rlp.inference.load import load_model
+    from megatron_rlp import load_model
 
     marker = str(tmp_path / "marker")
     path = (plant_in_metadata(run_copy, marker) if where == "metadata" else
@@ -201,7 +201,7 @@ def test_load_model_refuses_a_payload(run_copy, tmp_path, where):
 
 
 def test_load_model_refuses_a_payload_in_place_of_a_tensor(run_copy, tmp_path):
-    from megatron_rlp.inference.load import load_model
+    from megatron_rlp import load_model
 
     marker = str(tmp_path / "marker")
     buffer = io.BytesIO()
@@ -216,7 +216,7 @@ def test_common_pt_payload_is_refused_even_when_torch_is_told_to_unpickle(run_co
                                                                           monkeypatch):
     """torch.load's weights_only default can be switched off by an environment variable;
     megatron calls it without the argument, we pass it explicitly."""
-    from megatron_rlp.inference.load import load_model
+    from megatron_rlp import load_model
 
     marker = str(tmp_path / "marker")
     ckpt_dir = os.path.join(run_copy, ITERATION_DIR)
@@ -232,7 +232,7 @@ def test_common_pt_payload_is_refused_even_when_torch_is_told_to_unpickle(run_co
 
 
 def test_metadata_naming_a_file_outside_the_checkpoint_is_refused(run_copy):
-    from megatron_rlp.inference.load import load_model
+    from megatron_rlp import load_model
 
     ckpt_dir = os.path.join(run_copy, ITERATION_DIR)
     metadata = _read_metadata(ckpt_dir)

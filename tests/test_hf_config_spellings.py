@@ -235,7 +235,7 @@ def test_agreeing_spellings_are_accepted(raw, pattern):
 def test_disagreeing_spellings_are_refused_in_one_line(change, parts):
     raw = {"model_type": "nemotron_h", "hybrid_override_pattern": "M*", **change}
     with pytest.raises(mapping.ConversionError) as error:
-        mapping.model_config_from_hf(raw)
+        config_keys.model_config_from_hf(raw)
     message = str(error.value)
     assert "\n" not in message
     for part in parts:
@@ -253,5 +253,5 @@ def test_disagreeing_spellings_are_refused_in_one_line(change, parts):
 def test_values_our_model_cannot_take_are_refused_naming_the_key_used(change, part):
     raw = {"model_type": "nemotron_h", "hybrid_override_pattern": "M*", **change}
     with pytest.raises(mapping.ConversionError) as error:
-        mapping.model_config_from_hf(raw)
+        config_keys.model_config_from_hf(raw)
     assert part in str(error.value)

@@ -197,10 +197,8 @@ def _tp2_worker(rank, port, flat, save):
     from megatron_rlp.data.tokenizer import build_tokenizer
     from megatron_rlp.models.hybrid import build_model
     from megatron_rlp.training import checkpoint as ckpt
-    from megatron_rlp.train import _import_extensions
     from megatron_rlp.training.distributed import init_distributed
 
-    _import_extensions()  # the parent's flat config holds every registered section's fields
     cfg = config_from_dict({**flat, "tensor_model_parallel_size": 2})
     init_distributed(cfg.parallel, cfg.training.seed)
     model = build_model(cfg, build_tokenizer(cfg.data.tokenizer_type).vocab_size)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_rlp.config import ModelConfig
-from megatron_rlp.hf import mapping
+from megatron_rlp.hf import config_keys, mapping
 from megatron_rlp.hf.export import parse_size
 from megatron_rlp.hf.safetensors_stream import StreamingSafetensorsWriter
 
@@ -44,7 +44,7 @@ def test_hf_config_round_trips_through_model_config():
     assert hf["layers_block_type"] == ["linear_attention", "full_attention", "linear_attention", "mlp"]
     assert hf["time_step_min"] > 0  # HF's default ships; parity loads override it
     json.dumps(hf, allow_nan=False)  # valid JSON: no Infinity
-    back = mapping.model_config_from_hf(hf)
+    back = config_keys.model_config_from_hf(hf)
     for key, value in back.items():
         assert getattr(m, key) == value, key
 
@@ -63,7 +63,7 @@ def test_hf_config_our_model_cannot_express_is_rejected(change, message):
     hf = {"model_type": "nemotron_h", "layers_block_type": ["linear_attention", "mlp"],
           "hidden_size": 64, "mamba_num_heads": 8, "n_groups": 2, **change}
     with pytest.raises(mapping.ConversionError, match=message):
-        mapping.model_config_from_hf(hf)
+        config_keys.model_config_from_hf(hf)
 
 
 def test_export_refuses_norm_eps_hf_cannot_express_with_mamba_layers():

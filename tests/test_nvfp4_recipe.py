@@ -2,7 +2,7 @@
 import pytest
 
 from megatron_rlp.quant import recipe as R
-from megatron_rlp.quant.recipe import NVFP4Recipe
+from megatron_rlp.config import NVFP4Recipe
 
 
 def test_plan_keeps_first_and_last_blocks_bf16_and_selects_by_kind():
@@ -48,9 +48,9 @@ def test_format_plan_lists_every_block_and_the_switch():
 
 
 @pytest.mark.parametrize("n,pattern,match", [
-    (3, "M*", "has 2 symbols but --num-layers=3"),
-    (2, "MX", "unknown symbols \\['X'\\]"),
-    (0, "", "must be > 0"),
+    (3, "M*", "has 2 layers but --num-layers is 3"),
+    (2, "MX", "unknown layer symbol\\(s\\) \\['X'\\]"),
+    (0, "", "--num-layers=0: must be positive"),
 ])
 def test_bad_patterns_are_rejected(n, pattern, match):
     with pytest.raises(ValueError, match=match):

@@ -52,6 +52,26 @@ def test_startup_plan_lists_every_block_with_its_precision(tiny_flags, tmp_path)
     assert lines[top + 9].startswith("NVFP4 blocks: 3/6, linears: 4/12")
     assert result.stdout.count("NVFP4 precision plan") == 1
 
+    # The checkpoint loads computing as the run did at its last iteration, and says so.
+    from megatron_rlp import load_model
+    from megatron_rlp.training.distributed import destroy_distributed
+
+    ids = torch.randint(0, 100, (1, 16), generator=torch.Generator().manual_seed(0))
+    try:
+        as_trained = load_model(str(tmp_path / "run"), device="cpu")
+        assert as_trained.precision == "nvfp4" and "precision=nvfp4" in repr(as_trained)
+        before = QUANT_STATS["fprop"]
+        with torch.no_grad():
+            fp4_logits = as_trained(ids)
+        assert QUANT_STATS["fprop"] - before == 4   # the 4 planned linears
+        high = load_model(str(tmp_path / "run"), device="cpu", precision="fp32")
+        assert high.precision == "fp32"
+        with torch.no_grad():
+            assert (high(ids) - fp4_logits).abs().max() > 1e-4
+        assert QUANT_STATS["fprop"] - before == 4
+    finally:
+        destroy_distributed()
+
 
 def test_plan_under_tp2_checks_per_shard_shapes():
     plan = I.linear_plan(_cfg(*FP4, "--tensor-model-parallel-size", "2"))
@@ -70,13 +90,23 @@ def test_plan_under_tp2_checks_per_shard_shapes():
 ])
 def test_fp4_that_would_quantize_nothing_is_rejected(extra, message):
     with pytest.raises(ValueError, match=message.replace("+", r"\+")):
-        I.spec_hook(_cfg(*extra))
+        I.checked_linear_plan(_cfg(*extra))
 
 
-def test_without_fp4_flag_nothing_is_hooked():
+def test_without_fp4_flag_nothing_is_converted():
+    from megatron_rlp.models.hybrid import build_model
+    from megatron_rlp.training.distributed import destroy_distributed, init_distributed
+
     cfg = _cfg()
     assert cfg.fp4.fp4 is None
-    assert I.spec_hook(cfg) is None and I.callback_factory(cfg, [], None) is None
+    init_distributed(cfg.parallel, seed=5)
+    try:
+        model = build_model(cfg, vocab_size=100)
+        assert I.apply_nvfp4([model], cfg) is None
+        assert not any(isinstance(m, I.NVFP4_LINEAR_TYPES) for m in model.modules())
+        assert I.nvfp4_callbacks(cfg, [model], None, None) == []
+    finally:
+        destroy_distributed()
 
 
 # ------------------------------------------------------------- the quantizer is really in the path
@@ -90,14 +120,17 @@ def twin_models():
     cfg = _cfg(*FP4, "--seed", "5")
     init_distributed(cfg.parallel, seed=5)
     try:
-        fp4_model = build_model(cfg, vocab_size=100, stack_spec=I.spec_hook(cfg))
+        fp4_model = build_model(cfg, vocab_size=100)
         plain = build_model(cfg, vocab_size=100)
         plain.load_state_dict(fp4_model.state_dict())
-        state = I.RecipeState(cfg.fp4, seed=5)
-        tagged = I.tag_model([fp4_model], cfg, state)
-        assert [(p.layer, p.role) for p in tagged] == [
+        state = I.apply_nvfp4([fp4_model], cfg)
+        # Converted right away: a model built outside the trainer runs NVFP4 from here on.
+        assert state.active and I.nvfp4_state([fp4_model]) is state
+        assert [(p.layer, p.role) for p in state.converted] == [
             (1, "linear_qkv"), (1, "linear_proj"), (2, "out_proj")]
-        state.active = True
+        converted = [m for m in fp4_model.modules() if isinstance(m, I.NVFP4_LINEAR_TYPES)]
+        assert len(converted) == 3 and all(m.nvfp4_state is state for m in converted)
+        assert fp4_model.state_dict().keys() == plain.state_dict().keys()
         yield fp4_model, plain, state
     finally:
         destroy_distributed()
@@ -127,8 +160,8 @@ def test_planned_layers_pass_through_the_quantizer(twin_models):
     manual = (nvfp4.quantize(x2d).dequantize()
               @ nvfp4.quantize(qkv.weight.detach(), block_2d=True).dequantize().t())
     torch.testing.assert_close(captured["y"].reshape(manual.shape), manual, atol=0, rtol=0)
-    # BF16 blocks and untagged linears do not quantize: block 2's in_proj is a plain GEMM.
-    assert not fp4_model.decoder.layers[2].mixer.in_proj.nvfp4_enabled()
+    # BF16 blocks and linears kept out of the plan stay megatron's: block 2's in_proj.
+    assert not isinstance(fp4_model.decoder.layers[2].mixer.in_proj, I.NVFP4_LINEAR_TYPES)
 
 
 def test_recipe_switched_off_gives_the_plain_model(twin_models):

@@ -177,7 +177,7 @@ def _fake_batch(n_ctx=2, g=3, L=7, vocab=V):
 
 
 def _rcfg(**kw):
-    from megatron_rlp.rlp.config import RLPConfig
+    from megatron_rlp.config import RLPConfig
 
     return RLPConfig(**kw)
 

@@ -8,7 +8,6 @@ from conftest import REPO_ROOT
 
 
 def _preset(name):
-    import megatron_rlp.rlp.config  # noqa: F401  (the rlp section's keys)
     from megatron_rlp.config import config_from_dict, load_yaml
 
     return config_from_dict(load_yaml(os.path.join(REPO_ROOT, "examples", name)))

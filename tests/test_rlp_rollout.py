@@ -16,7 +16,7 @@ def setup():
     from megatron_rlp.data.tokenizer import build_tokenizer
     from megatron_rlp.inference.decode import CachedDecoder
     from megatron_rlp.models.hybrid import build_model
-    from megatron_rlp.rlp.config import RLPConfig
+    from megatron_rlp.config import RLPConfig
     from megatron_rlp.training.distributed import init_distributed
 
     tok = build_tokenizer()

@@ -45,7 +45,7 @@ def _stopped_frac(tok, checkpoint: str) -> float:
     import megatron_rlp
     from megatron_rlp.data.corpus import generate_corpus
     from megatron_rlp.inference.decode import CachedDecoder
-    from megatron_rlp.rlp.config import RLPConfig
+    from megatron_rlp.config import RLPConfig
     from megatron_rlp.rlp.rollout import make_rollout
     from megatron_rlp.config import ParallelConfig
     from megatron_rlp.training.distributed import init_distributed

@@ -19,7 +19,7 @@ from megatron_rlp.data.indexed import write_indexed_dataset
 from megatron_rlp.data.phases import load_valid_sources
 from megatron_rlp.data.tokenizer import build_tokenizer
 from megatron_rlp.data.validation import validation_split
-from megatron_rlp.training.data_source import DatasetSource, ValidationSource
+from megatron_rlp.data.sources import DatasetSource, ValidationSource
 
 VALID_KEYS = ("valid_loss", "valid_loss/web", "valid_loss/noise")
 

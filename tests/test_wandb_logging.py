@@ -14,7 +14,7 @@ from wandb.sdk.wandb_settings import Settings
 from conftest import read_metrics
 from megatron_rlp.config import config_from_dict, parse_args
 from megatron_rlp.training.metrics import MetricsLogger
-from megatron_rlp.training.wandb_sink import WANDB_MODES
+from megatron_rlp.config.launch import WANDB_MODES
 from mp_utils import launch
 
 

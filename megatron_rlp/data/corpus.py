@@ -45,7 +45,8 @@ import random
 import uuid
 from typing import Callable, Iterable, Iterator
 
-from megatron_rlp.data.tokenizer import THINK_END, THINK_START
+# The thinking markers the corpus writes (the tokenizer makes them special tokens).
+THINK_START, THINK_END = "<think>", "</think>"
 
 CORPUS_VERSION = 2  # 2: thinking-style documents (think_share)
 

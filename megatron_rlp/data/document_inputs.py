@@ -7,7 +7,7 @@ names and meanings) add to a packed micro-batch, derived from its tokens in the 
     eod_mask_loss         loss_mask = 0 where the input token is <eod>: the prediction made at an
                           <eod> (its target is the next document's first token) is dropped
 
-Document boundaries come from `data/packing.py` only (the <eod> ends its document; the next token
+Document boundaries come from `models/packing.py` only (the <eod> ends its document; the next token
 starts one), so attention, Mamba and positions agree, and they equal what megatron-core's
 `GPTDataset` builds with the same flags (`_get_ltor_masks_and_position_ids`; a test holds them
 equal). Why not let the dataset build them: it makes a [1, s, s] mask per sample on the host
@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from megatron_rlp.data.packing import document_ids, positions_in_document
+from megatron_rlp.models.packing import document_ids, positions_in_document
 
 _FLAGS = ("reset_attention_mask", "reset_position_ids", "eod_mask_loss")
 

@@ -48,20 +48,10 @@ import numpy as np
 import torch
 import yaml
 
-from megatron_rlp.config import arg, register_section
 from megatron_rlp.data import blend as blend_lib
+from megatron_rlp.device import is_rank_zero
 
 BLEND_FORMAT = "megatron-rlp-phase-blend/1"
-
-
-@dataclass
-class PhasesConfig:
-    data_phases: Optional[str] = arg(
-        None, "Phase blend YAML (tools/build_phase_blend.py): switch data blends at phase "
-              "boundaries within one run; overrides --data-path for training.")
-
-
-register_section("phases", PhasesConfig)
 
 
 @dataclass(frozen=True)
@@ -290,29 +280,14 @@ def build_phased_source(phases: list[Phase], tokenizer, seq_length: int, global_
 
 
 # ----------------------------------------------------------------------------------------------
-# wiring into megatron_rlp.train
+# attached to a run by megatron_rlp/extensions.py
 # ----------------------------------------------------------------------------------------------
-def run_global_batch_size(cfg) -> int:
-    from megatron.core import parallel_state
+def phased_source_builder(cfg, tokenizer) -> Optional[PhasedSource]:
+    """The training source when --data-phases is given (else None: the run's --data-path)."""
+    from megatron_rlp.data.run_data import data_cache_dir, run_global_batch_size
 
-    return cfg.training.global_batch(parallel_state.get_data_parallel_world_size())
-
-
-def is_rank_zero() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-
-
-def data_cache_dir(cfg) -> Optional[str]:
-    """Where dataset index caches go: --data-cache-path, else <save>/cache (as in
-    megatron_rlp.train)."""
-    return cfg.data.data_cache_path or (os.path.join(cfg.checkpoint.save, "cache")
-                                        if cfg.checkpoint.save else None)
-
-
-def phased_source_builder(cfg, tokenizer, split: str):
-    """DATA_SOURCE_BUILDERS entry: the training source when --data-phases is given."""
     path = cfg.phases.data_phases
-    if not path or split != "train":
+    if not path:
         return None
     phases = load_blend(path)
     gbs = run_global_batch_size(cfg)
@@ -327,7 +302,6 @@ def phased_source_builder(cfg, tokenizer, split: str):
             print(f"note: --data-phases {path!r} gives valid_path entries, but --data-path "
                   "without --valid-data-path turns validation off; drop --data-path "
                   "(--data-phases replaces it) to evaluate them", flush=True)
-    _BUILT[id(cfg)] = source  # picked up by phase_callback_factory, which build_run calls next
     return source
 
 
@@ -371,27 +345,6 @@ class PhaseCallback:
         return {}
 
 
-# build_run builds the training source before the callbacks; a factory sees only (cfg, model,
-# tokenizer), so the source travels from the builder to the factory through this map.
-_BUILT: dict = {}
-
-
-def phase_callback_factory(cfg, model, tokenizer):
-    source = _BUILT.pop(id(cfg), None)
-    return PhaseCallback(source) if source is not None else None
-
-
-def _register() -> None:
-    from megatron_rlp import train
-    # The validation split (per source, and per the blend file's valid_path entries) is built by
-    # a builder too; this module is the data extension megatron_rlp.train imports.
-    from megatron_rlp.data.validation import validation_source_builder
-
-    for builder in (phased_source_builder, validation_source_builder):
-        if builder not in train.DATA_SOURCE_BUILDERS:
-            train.DATA_SOURCE_BUILDERS.append(builder)
-    if phase_callback_factory not in train.CALLBACK_FACTORIES:
-        train.CALLBACK_FACTORIES.append(phase_callback_factory)
-
-
-_register()
+def phase_callbacks(cfg, model, tokenizer, train_source) -> list:
+    """The phase callback when the training source is a phase schedule."""
+    return [PhaseCallback(train_source)] if isinstance(train_source, PhasedSource) else []

@@ -30,10 +30,12 @@ from typing import Iterable, Optional
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from megatron_rlp.data.corpus import THINK_END, THINK_START, generate_corpus
+
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 EMBEDDED_TOKENIZER_PATH = os.path.join(ASSETS_DIR, "tokenizer.json")
 
-EOD, PAD, THINK_START, THINK_END = "<eod>", "<pad>", "<think>", "</think>"
+EOD, PAD = "<eod>", "<pad>"
 SPECIAL_TOKENS = (EOD, PAD, THINK_START, THINK_END)
 
 EMBEDDED_VOCAB_SIZE = 1024
@@ -116,7 +118,7 @@ class RLPTokenizer:
                f"vocab_size={self.vocab_size})"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte → printable character map (the ByteLevel alphabet)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
         + list(range(ord("®"), ord("ÿ") + 1))
@@ -147,8 +149,6 @@ def train_embedded_tokenizer(num_docs: int = EMBEDDED_TRAIN_DOCS,
     taken by (count, pair ids), so ties never depend on hash order. test_tokenizer checks that the
     result equals the shipped file.
     """
-    from megatron_rlp.data.corpus import generate_corpus
-
     tok = _embedded_pipeline(Tokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -174,7 +174,7 @@ def regenerate_embedded_tokenizer(path: str = EMBEDDED_TOKENIZER_PATH) -> str:
 
 def _byte_tokenizer() -> Tokenizer:
     """A BPE with no merges over the byte alphabet, ids arranged so id == byte value."""
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()

@@ -25,16 +25,14 @@ from typing import Optional
 
 from megatron_rlp.data import blend as blend_lib
 from megatron_rlp.data.datasets import parse_data_path
-from megatron_rlp.training.data_source import DatasetSource, ValidationSource
+from megatron_rlp.data.phases import load_valid_sources
+from megatron_rlp.data.sources import DatasetSource, ValidationSource
+from megatron_rlp.device import is_rank_zero
 
-# phases.py registers this module's builder while it is being imported, so this module imports
-# phases inside functions, never at its top (either module may be imported first).
 
 
 def validation_split(cfg, valid_path: list) -> tuple[list, list]:
     """(data_path of the blend, [(name, prefix, phases training on it)]) for this run."""
-    from megatron_rlp.data.phases import load_valid_sources
-
     declared = load_valid_sources(cfg.phases.data_phases) if cfg.phases.data_phases else []
     if declared:
         if cfg.data.valid_data_path:
@@ -75,20 +73,18 @@ def describe(sources: list, eval_iters: int) -> str:
     return "\n".join(lines)
 
 
-def validation_source_builder(cfg, tokenizer, split: str) -> Optional[ValidationSource]:
-    """DATA_SOURCE_BUILDERS entry: the validation split of every run (see the module docstring).
-    Called on every rank (megatron's dataset builder indexes on rank 0 first)."""
-    if split != "valid":
-        return None
+def validation_source(cfg, tokenizer) -> Optional[ValidationSource]:
+    """The validation split of a run (see the module docstring), or None when the run has none
+    (--data-path without --valid-data-path). Called on every rank (megatron's dataset builder
+    indexes on rank 0 first)."""
     from megatron_rlp.data.datasets import build_pretraining_dataset
-    from megatron_rlp.data.phases import data_cache_dir, is_rank_zero, run_global_batch_size
-    from megatron_rlp.train import resolve_data
+    from megatron_rlp.data.run_data import data_cache_dir, resolve_data, run_global_batch_size
 
-    valid_path = resolve_data(cfg, tokenizer)[1]
+    valid_path = resolve_data(cfg)[1]
     if not valid_path:
         return None
     blend_path, sources = validation_split(cfg, valid_path)
-    # Sized as megatron_rlp.train sizes the validation set: --eval-iters global batches.
+    # --eval-iters global batches.
     num_samples = cfg.training.eval_iters * run_global_batch_size(cfg)
 
     def build(data_path: list, what: str):

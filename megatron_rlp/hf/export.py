@@ -154,10 +154,8 @@ def export_to_hf(load: str, save: str, *, max_shard_size="2GB", dtype: str = "au
     from megatron_rlp.inference.load import saved_run_config, single_process_config
     from megatron_rlp.training import checkpoint as ckpt
     from megatron_rlp.training import safe_load
-    from megatron_rlp.train import _import_extensions
     from megatron_rlp.training.distributed import init_distributed
 
-    _import_extensions()  # the saved config may hold RLP / NVFP4 / phase fields
     start = time.perf_counter()
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")

@@ -106,16 +106,13 @@ def run_config_from_hf(hf_dir: str, tokenizer_dir: Optional[str] = None) -> dict
     """Flat megatron-rlp run config for an HF directory. Starts from our sidecar (exact training
     settings of an exported model) when present; model shapes always come from config.json.
     `tokenizer_dir`: where the tokenizer.json should be referenced from (default: `hf_dir`)."""
+    from megatron_rlp.config import field_owner
     from megatron_rlp.data.tokenizer import build_tokenizer
-
-    from megatron_rlp.config import _field_owner
-    from megatron_rlp.train import _import_extensions
 
     hf = read_config(hf_dir)
     sidecar = read_json(hf_dir, mapping.SIDECAR_FILE) or {}
-    _import_extensions()
-    known = _field_owner()
-    # Fields of a feature this install lacks only affect training, never the weights: drop them.
+    known = field_owner()
+    # Keys of an older or newer megatron-rlp only affect training, never the weights: drop them.
     flat = {k: v for k, v in (sidecar.get("run_config") or {}).items() if k in known}
     flat.update(config_keys.model_config_from_hf(hf))
     if "max_position_embeddings" in hf and "seq_length" not in flat:

@@ -311,14 +311,6 @@ def hf_config(model_cfg, *, vocab_size: int, max_position_embeddings: int, dtype
     }
 
 
-def model_config_from_hf(hf: dict) -> dict:
-    """Flat megatron-rlp model fields from an HF config.json dict in any spelling transformers
-    reads; see `config_keys` (imported here, not at the top: it imports this module)."""
-    from .config_keys import model_config_from_hf as read
-
-    return read(hf)
-
-
 def hf_name_to_canonical(name: str) -> str:
     """transformers may save `model.*` (its in-memory prefix); the format's own is `backbone.*`."""
     return "backbone." + name[len("model."):] if name.startswith("model.") else name

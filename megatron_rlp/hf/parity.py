@@ -80,11 +80,9 @@ def compare(ours, hf_model, input_ids: torch.Tensor) -> List[dict]:
 
 def run(ours_path: str, hf_dir: str, *, seq_length: int = 64, batch: int = 2, seed: int = 0,
         tol: float = 1e-4) -> dict:
-    from megatron_rlp import load_model
-    from megatron_rlp.train import _import_extensions
+    from megatron_rlp.inference.load import load_native_model
 
-    _import_extensions()  # a saved config may hold RLP / NVFP4 / phase fields
-    ours = load_model(ours_path, device="cpu")  # beside transformers' fp32 CPU oracle
+    ours = load_native_model(ours_path, device="cpu")  # beside transformers' fp32 CPU oracle
     hf_model = load_hf_reference(hf_dir)
     vocab = min(ours.vocab_size, hf_model.config.vocab_size)
     ids = torch.randint(0, vocab, (batch, seq_length), generator=torch.Generator().manual_seed(seed))

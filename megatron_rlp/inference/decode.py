@@ -39,19 +39,10 @@ from megatron.core.ssm.mlp_layer import MLPLayer
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_rlp.models.hybrid import unwrap_model
 from megatron_rlp.models.packed import PackedDocuments
 
 from .cache import HybridCache
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """Strip DDP / Float16Module / CausalLM wrappers down to the megatron MambaModel."""
-    while not hasattr(model, "decoder") or not hasattr(model, "embedding"):
-        inner = getattr(model, "module", None) or getattr(model, "model", None)
-        if inner is None:
-            raise TypeError(f"{type(model).__name__} does not wrap a megatron MambaModel")
-        model = inner
-    return model
 
 
 def _add(out_with_bias, residual):

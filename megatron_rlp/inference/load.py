@@ -1,5 +1,5 @@
-"""Load a checkpoint of any TP/PP layout into one process (on its GPU, else the CPU) for evaluation
-or generation.
+"""Load a megatron-rlp checkpoint of any TP/PP layout into one process (on its GPU, else the CPU)
+for evaluation or generation (`megatron_rlp.load_model` adds HF directories and NVFP4).
 
 dist_checkpointing reshards on load, so we build the model at TP=PP=1 in a world of one and let
 megatron gather the shards. The checkpoint's run config (saved by the trainer) gives the shape.
@@ -22,11 +22,19 @@ class CausalLM(torch.nn.Module):
     padded vocab rows cut off so logits match the tokenizer. Inputs are moved to the model's device;
     logits stay there."""
 
-    def __init__(self, model: torch.nn.Module, vocab_size: int, config):
+    def __init__(self, model: torch.nn.Module, vocab_size: int, config,
+                 iteration: Optional[int] = None):
         super().__init__()
         self.model = model
         self.vocab_size = vocab_size
         self.run_config = config
+        self.iteration = iteration  # the checkpoint's (None for an HF directory)
+        # What the linear layers compute in: "fp32", or "nvfp4" once megatron_rlp.load_model has
+        # applied the checkpoint's NVFP4 recipe (its planned linears; everything else fp32).
+        self.precision = "fp32"
+
+    def extra_repr(self) -> str:
+        return f"vocab_size={self.vocab_size}, precision={self.precision}"
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         logits = self.model(input_ids.to(model_device(self.model)), None, None)
@@ -64,10 +72,6 @@ def saved_run_config(checkpoint_root: str, iteration: int | None = None):
 
 def single_process_config(flat: dict):
     """The saved config re-targeted at one CPU process (TP=PP=1, fp32, no optimizer sharding)."""
-    # The saved config holds extension sections' keys (e.g. data_phases); register them first.
-    from megatron_rlp.train import _import_extensions
-
-    _import_extensions()
     flat = dict(flat)
     flat.update(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                 num_layers_per_virtual_pipeline_stage=None, sequence_parallel=False,
@@ -75,18 +79,15 @@ def single_process_config(flat: dict):
     return config_from_dict(flat)
 
 
-def load_model(checkpoint_root: str, device: Optional[torch.device] = None) -> CausalLM:
-    """Eval-mode `CausalLM` from a native or HF checkpoint, on `device` (default: CUDA when
-    available, else the CPU)."""
+def load_native_model(checkpoint_root: str, device: Optional[torch.device] = None) -> CausalLM:
+    """Eval-mode fp32 `CausalLM` from a megatron-rlp checkpoint root (any TP/PP layout), on
+    `device` (default: CUDA when available, else the CPU). `megatron_rlp.load_model` is the
+    public entry: it also reads HF directories and applies a checkpoint's NVFP4 recipe."""
     if not os.path.isdir(checkpoint_root):
         raise ValueError(f"checkpoint directory {checkpoint_root!r} does not exist")
-    from megatron_rlp.hf.import_ import is_hf_dir, load_hf_model
-
-    if is_hf_dir(checkpoint_root):  # a Hugging Face NemotronH directory (safetensors only)
-        return load_hf_model(checkpoint_root, device=device)
     flat, iteration = saved_run_config(checkpoint_root)
     cfg = single_process_config(flat)
     model, tokenizer = build_single_process_model(cfg, device, init_weights=False)
     ckpt.load_checkpoint(checkpoint_root, [model], optimizer=None, load_rng=False,
                          iteration=iteration, verify=False)  # saved_run_config verified it
-    return CausalLM(model, tokenizer.vocab_size, cfg).eval()
+    return CausalLM(model, tokenizer.vocab_size, cfg, iteration=iteration).eval()

@@ -92,6 +92,17 @@ def transformer_config(cfg: RunConfig, *, init_weights: bool = True) -> Transfor
     return config
 
 
+def unwrap_model(model: torch.nn.Module) -> MambaModel:
+    """The megatron MambaModel (one pipeline stage of it) inside any wrappers: megatron's DDP and
+    Float16Module (`.module`), load_model's CausalLM (`.model`)."""
+    inner = model
+    while not isinstance(inner, MambaModel):
+        inner = getattr(inner, "module", None) or getattr(inner, "model", None)
+        if inner is None:
+            raise TypeError(f"{type(model).__name__} does not wrap a megatron MambaModel")
+    return inner
+
+
 def build_model(cfg: RunConfig, vocab_size: int, *, pre_process: bool = True,
                 post_process: bool = True, vp_stage: Optional[int] = None,
                 stack_spec=None, init_weights: bool = True) -> MambaModel:

@@ -159,7 +159,7 @@ def ssd_final_state(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch
 def document_seq_idx(packed_seq_params, length: int, batch: int) -> torch.Tensor:
     """``seq_idx [batch, length]`` (document id per token) for the conv and the scan.
 
-    Our `models.packed.PackedDocuments` carries per-row ids (from `data/packing.document_ids`:
+    Our `models.packed.PackedDocuments` carries per-row ids (from `models/packing.document_ids`:
     rows of a micro-batch have their own boundaries); megatron's THD ``PackedSeqParams`` describe
     one stream by ``cu_seqlens``, the same for every row (`packed_seq_idx`). ``length`` is the
     full sequence, also under sequence parallelism (in_proj gathers it before the mixer's math).

@@ -4,7 +4,7 @@
 Pretraining windows hold several documents back to back. With `--reset-attention-mask` no
 document may see another: attention is block-diagonal causal and every Mamba2 mixer resets its
 conv and SSM state where a new document starts. Both read the same per-token document ids,
-`seq_idx [b, s]` from `data/packing.document_ids` (the token after each `<eod>` starts a new
+`seq_idx [b, s]` from `models/packing.document_ids` (the token after each `<eod>` starts a new
 document), so attention and Mamba can never disagree on a boundary.
 
 Why a `PackedSeqParams`, and why not megatron's own fields. megatron-core 0.16.1's `MambaLayer`
@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_rlp.data.packing import document_ids, positions_in_document
+from megatron_rlp.models.packing import document_ids, positions_in_document
 
 _FLAG = "--reset-attention-mask"
 

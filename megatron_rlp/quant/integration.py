@@ -1,15 +1,14 @@
-"""The NVFP4 recipe in the trainer: config section, layer-spec hook, plan callback.
+"""The NVFP4 recipe applied to a built model, and its trainer callback.
 
-Imported by ``megatron_rlp.train._import_extensions``; the model never imports it.
-
-    --fp4 nvfp4  ->  MODEL_SPEC_HOOKS: hybrid_stack_spec(column_linear=NVFP4ColumnParallelLinear,
-                                                         row_linear=NVFP4RowParallelLinear)
-                 ->  CALLBACK_FACTORIES: NVFP4Callback
-                       on_train_start      tag each NVFP4 linear with its plan entry (global block
-                                           index from layer.layer_number, kind from the hybrid
-                                           pattern, role from the spec slot); print the plan
-                       on_iteration_start  iteration for SR seeds; NVFP4 -> BF16 switch
-                       metrics             fp4_active, nvfp4_gemms
+    apply_nvfp4(model_chunks, cfg)   right after the model is built (train.build_model_chunks,
+                                     megatron_rlp.load_model): plan once, convert each planned
+                                     linear in place to the NVFP4 subclass of its megatron class
+                                     (global block index from layer.layer_number, kind from the
+                                     hybrid pattern, role from the spec slot), share one
+                                     RecipeState; the model runs NVFP4 from then on
+    NVFP4Callback                    on_train_start      print the plan
+                                     on_iteration_start  iteration for SR seeds; NVFP4 -> BF16
+                                     metrics             fp4_active, nvfp4_gemms
 
 Which linears are NVFP4 is a pure function of the config, ``linear_plan(cfg)``: the block plan of
 ``recipe.plan_for`` (first/last blocks BF16, by index and kind), then a per-shard shape check —
@@ -24,20 +23,22 @@ they stay plain megatron linears (high precision) whatever the recipe says.
 """
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-import torch.distributed as dist
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
                                                     gather_from_sequence_parallel_region)
 
-from megatron_rlp.config import RunConfig, register_section
+from megatron_rlp.config import LAYER_SYMBOLS, NVFP4Recipe, RunConfig
+from megatron_rlp.device import is_rank_zero
+from megatron_rlp.models.hybrid import unwrap_model
 from megatron_rlp.training.trainer import Callback
 
 from .nvfp4_linear import nvfp4_linear
-from .recipe import (BLOCK_KINDS, FP4_LINEARS, NVFP4Recipe, fp4_active, plan_for,
-                     scaled_bf16_layers, sr_seed, switch_iteration)
+from .recipe import (FP4_LINEARS, fp4_active, plan_for, scaled_bf16_layers, sr_seed,
+                     switch_iteration)
 from .stats import QUANT_STATS
 from .te_gemm import fp4_gemm_support, resolve_gemm
 
@@ -155,21 +156,44 @@ def check_plan(cfg: RunConfig, plan: Dict[Tuple[int, str], LinearPlan]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 class RecipeState:
-    """Shared by every NVFP4 linear of a run: what the callback decides per iteration."""
+    """Shared by every NVFP4 linear of one model: the recipe and its plan, whether NVFP4 is on
+    this iteration, and what the stochastic-rounding seeds are drawn from."""
 
-    def __init__(self, recipe: NVFP4Recipe, seed: int, dp_rank: int = 0, dp_size: int = 1,
-                 gemm: str = "emulated"):
+    def __init__(self, recipe: NVFP4Recipe, plan: Dict[Tuple[int, str], LinearPlan], seed: int,
+                 train_iters: int, dp_rank: int = 0, dp_size: int = 1,
+                 gemm: Tuple[str, str] = ("emulated", "")):
         self.recipe = recipe
+        self.plan = plan
         self.seed = seed
-        self.gemm = gemm         # "emulated" | "te" (resolved once per run)
-        self.active = False      # off until the callback has tagged the model
+        self.train_iters = train_iters
+        self.gemm, self.gemm_reason = gemm   # "emulated" | "te", and why (resolved once per run)
+        self.active = False      # NVFP4 on for the running iteration
         self.iteration = 0       # completed iterations (0-based index of the running one)
         # Micro-batch j of DP rank r is global micro-batch j * dp_size + r (the trainer's sample
         # layout), so DP ranks draw independent SR noise and DP=2 draws what DP=1 would.
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        # Forward calls of each linear in the running iteration: its micro-batch index.
+        self._calls: collections.Counter = collections.Counter()
+        self.start_iteration(0)
 
-    def microbatch(self, local_index: int) -> int:
-        return local_index * self.dp_size + self.dp_rank
+    def start_iteration(self, iteration: int) -> None:
+        """NVFP4 on or off for `iteration` (the BF16 switch is a pure function of it)."""
+        self.iteration = iteration
+        self.active = fp4_active(self.recipe, iteration, self.train_iters)
+        self._calls.clear()
+
+    def next_sr_seed(self, entry: LinearPlan, tp_rank: int) -> int:
+        """The SR seed of this forward of linear `entry`: its iteration, block, role, global
+        micro-batch and TP rank, so a resumed run draws what the uninterrupted run drew."""
+        local = self._calls[(entry.layer, entry.role)]
+        self._calls[(entry.layer, entry.role)] += 1
+        return sr_seed(self.seed, self.iteration, entry.layer, entry.role,
+                       microbatch=local * self.dp_size + self.dp_rank, tp_rank=tp_rank)
+
+    @property
+    def converted(self) -> List[LinearPlan]:
+        """The plan entries of the linears that run NVFP4 while the recipe is on."""
+        return [entry for entry in self.plan.values() if entry.fp4]
 
 
 class _NVFP4LinearMixin:
@@ -177,19 +201,17 @@ class _NVFP4LinearMixin:
     parent's ``forward`` keeps its comms (column: output gather; row: input scatter, output
     all-reduce / SP reduce-scatter). What megatron does *inside* its GEMM function is redone
     here around ``nvfp4_linear``: the SP all-gather of the input (backward reduce-scatter) and
-    the async dgrad all-reduce (as an autograd copy-to-TP-region)."""
+    the async dgrad all-reduce (as an autograd copy-to-TP-region).
 
-    nvfp4_plan: Optional[LinearPlan] = None
-    nvfp4_state: Optional[RecipeState] = None
-    nvfp4_calls = 0          # forward calls in this iteration = micro-batch index for SR seeds
+    ``apply_nvfp4`` sets the class of a built linear to one of the two below and gives it its
+    plan entry and the model's shared ``RecipeState``."""
 
-    def nvfp4_enabled(self) -> bool:
-        return (self.nvfp4_plan is not None and self.nvfp4_plan.fp4
-                and self.nvfp4_state is not None and self.nvfp4_state.active)
+    nvfp4_plan: LinearPlan
+    nvfp4_state: RecipeState
 
     def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False,
                       allreduce_dgrad=False, sequence_parallel=False, tp_group=None, **kwargs):
-        if not self.nvfp4_enabled():
+        if not self.nvfp4_state.active:
             return super()._forward_impl(
                 input=input, weight=weight, bias=bias,
                 gradient_accumulation_fusion=gradient_accumulation_fusion,
@@ -200,110 +222,106 @@ class _NVFP4LinearMixin:
                                                          group=tp_group)
         elif allreduce_dgrad:
             input = copy_to_tensor_model_parallel_region(input, group=tp_group)
-        state, plan = self.nvfp4_state, self.nvfp4_plan
+        state = self.nvfp4_state
         group = self.tp_group if self.tp_group is not None and self.tp_group.size() > 1 else None
-        seed = sr_seed(state.seed, state.iteration, plan.layer, plan.role,
-                       microbatch=state.microbatch(self.nvfp4_calls),
-                       tp_rank=self.tp_group.rank() if group is not None else 0)
-        self.nvfp4_calls += 1
+        seed = state.next_sr_seed(self.nvfp4_plan, self.tp_group.rank() if group is not None else 0)
         return nvfp4_linear(input, weight, bias, recipe=state.recipe, sr_seed=seed,
                             amax_reduce_group=group, gemm=state.gemm)
 
 
 class NVFP4ColumnParallelLinear(_NVFP4LinearMixin, ColumnParallelLinear):
-    """megatron ColumnParallelLinear; local GEMM in NVFP4 when tagged and the recipe is on."""
+    """megatron ColumnParallelLinear whose local GEMM runs in NVFP4 while the recipe is on."""
 
 
 class NVFP4RowParallelLinear(_NVFP4LinearMixin, RowParallelLinear):
-    """megatron RowParallelLinear; local GEMM in NVFP4 when tagged and the recipe is on."""
+    """megatron RowParallelLinear whose local GEMM runs in NVFP4 while the recipe is on."""
 
 
-NVFP4_LINEAR_TYPES = (NVFP4ColumnParallelLinear, NVFP4RowParallelLinear)
-
-
-def tag_model(model_chunks: list, cfg: RunConfig, state: RecipeState,
-              plan: Optional[Dict[Tuple[int, str], LinearPlan]] = None) -> List[LinearPlan]:
-    """Give every NVFP4 linear of this rank's blocks its plan entry and the shared state.
-    Returns the entries of the linears tagged FP4 (this rank, all chunks)."""
-    plan = plan if plan is not None else linear_plan(cfg)
-    pattern = cfg.model.hybrid_override_pattern
-    tagged, fp4 = set(), []
-    for chunk in model_chunks:
-        for layer in _unwrap(chunk).decoder.layers:
-            index = layer.layer_number - 1
-            kind = BLOCK_KINDS[pattern[index]]
-            owner = getattr(layer, _ROLE_OWNER[kind])
-            for role in FP4_LINEARS[kind]:
-                linear = getattr(owner, role)
-                entry = plan[(index, role)]
-                if not isinstance(linear, NVFP4_LINEAR_TYPES):
-                    assert not entry.fp4, f"block {index} {role}: {type(linear).__name__}"
-                    continue
-                assert tuple(linear.weight.shape) == entry.local_shape, \
-                    (index, role, tuple(linear.weight.shape), entry.local_shape)
-                linear.nvfp4_plan, linear.nvfp4_state = entry, state
-                tagged.add(id(linear))
-                if entry.fp4:
-                    fp4.append(entry)
-        # Every NVFP4 linear must have a plan entry: a new spec slot must not go unplanned.
-        stray = [name for name, mod in _unwrap(chunk).named_modules()
-                 if isinstance(mod, NVFP4_LINEAR_TYPES) and id(mod) not in tagged]
-        assert not stray, f"NVFP4 linears outside the plan: {stray}"
-    return fp4
-
-
-def _unwrap(chunk):
-    while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
-def _nvfp4_linears(model_chunks: list):
-    for chunk in model_chunks:
-        for mod in chunk.modules():
-            if isinstance(mod, NVFP4_LINEAR_TYPES):
-                yield mod
-
-
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _say(text: str) -> None:
-    if _rank0():
-        print(text, flush=True)
+_NVFP4_CLASS = {ColumnParallelLinear: NVFP4ColumnParallelLinear,
+                RowParallelLinear: NVFP4RowParallelLinear}
+NVFP4_LINEAR_TYPES = tuple(_NVFP4_CLASS.values())
 
 
 # ---------------------------------------------------------------------------------------------
-# Trainer wiring
+# Applying the recipe to a built model
+# ---------------------------------------------------------------------------------------------
+
+def checked_linear_plan(cfg: RunConfig) -> Dict[Tuple[int, str], LinearPlan]:
+    """``linear_plan`` of a run, refused when it would quantize nothing."""
+    plan = linear_plan(cfg)
+    check_plan(cfg, plan)
+    return plan
+
+
+def apply_nvfp4(model_chunks: list, cfg: RunConfig, iteration: int = 0) -> Optional[RecipeState]:
+    """Plan the recipe once and convert this rank's planned linears in place, right after the
+    model is built (before DDP wraps it): each becomes the NVFP4 subclass of its megatron class,
+    weights and checkpoint keys unchanged. Returns the shared state, on or off as ``fp4_active``
+    says for ``iteration``, also kept as ``nvfp4_state`` on each chunk's MambaModel; None (and
+    nothing changed) without --fp4 nvfp4. Raises before converting anything when the plan would
+    quantize nothing or ``--fp4-gemm te`` cannot run here."""
+    if not cfg.fp4.enabled:
+        return None
+    from megatron.core import parallel_state
+
+    plan = checked_linear_plan(cfg)
+    state = RecipeState(cfg.fp4, plan, cfg.training.seed, cfg.training.train_iters,
+                        parallel_state.get_data_parallel_rank(),
+                        parallel_state.get_data_parallel_world_size(),
+                        gemm=resolve_gemm(cfg.fp4.fp4_gemm,
+                                          fp4_gemm_support(cfg.training.bf16, cfg.fp4.use_rht)))
+    state.start_iteration(iteration)
+    pattern = cfg.model.hybrid_override_pattern
+    for chunk in model_chunks:
+        model = unwrap_model(chunk)
+        for layer in model.decoder.layers:
+            index = layer.layer_number - 1
+            kind = LAYER_SYMBOLS[pattern[index]]
+            owner = getattr(layer, _ROLE_OWNER[kind])
+            for role in FP4_LINEARS[kind]:
+                entry = plan[(index, role)]
+                if entry.fp4:
+                    _convert(getattr(owner, role), entry, state)
+        model.nvfp4_state = state
+    return state
+
+
+def _convert(linear, entry: LinearPlan, state: RecipeState) -> None:
+    plain = type(linear)
+    if plain not in _NVFP4_CLASS:
+        raise TypeError(f"block {entry.layer} {entry.role}: --fp4 nvfp4 converts megatron's "
+                        f"ColumnParallelLinear / RowParallelLinear, not {plain.__name__}")
+    if tuple(linear.weight.shape) != entry.local_shape:
+        raise AssertionError(f"block {entry.layer} {entry.role}: weight "
+                             f"{tuple(linear.weight.shape)}, planned {entry.local_shape}")
+    linear.__class__ = _NVFP4_CLASS[plain]
+    linear.nvfp4_plan, linear.nvfp4_state = entry, state
+
+
+def nvfp4_state(model_chunks: list) -> Optional[RecipeState]:
+    """The state ``apply_nvfp4`` gave these chunks, or None."""
+    return getattr(unwrap_model(model_chunks[0]), "nvfp4_state", None) if model_chunks else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Trainer wiring (megatron_rlp/extensions.py)
 # ---------------------------------------------------------------------------------------------
 
 class NVFP4Callback(Callback):
-    """Tags the model, prints the plan, drives the per-iteration state (see module docstring).
+    """Prints the plan and drives the model's ``RecipeState`` per iteration.
 
     The BF16 switch is ``fp4_active(recipe, iteration, train_iters)``, a pure function of the
     iteration: a run resumed past the switch point starts in BF16 with no checkpointed state."""
 
-    def __init__(self, cfg: RunConfig, model_chunks: list):
+    def __init__(self, cfg: RunConfig, state: RecipeState):
         self.cfg = cfg
-        self.model_chunks = model_chunks
-        from megatron.core import parallel_state
-
-        # Resolved here, before training: --fp4-gemm te where TE cannot run fails at start-up.
-        self.gemm = resolve_gemm(cfg.fp4.fp4_gemm,
-                                 fp4_gemm_support(cfg.training.bf16, cfg.fp4.use_rht))
-        self.state = RecipeState(cfg.fp4, cfg.training.seed,
-                                 parallel_state.get_data_parallel_rank(),
-                                 parallel_state.get_data_parallel_world_size(),
-                                 gemm=self.gemm[0])
-        self.fp4_linears: List[LinearPlan] = []
+        self.state = state
         self._gemms_at_start = 0
 
     # Callback protocol (megatron_rlp.training.trainer.Callback)
     def on_train_start(self, trainer) -> None:
-        plan = linear_plan(self.cfg)
-        self.fp4_linears = tag_model(self.model_chunks, self.cfg, self.state, plan)
-        _say(format_linear_plan(self.cfg, plan, self.gemm))
+        _say(format_linear_plan(self.cfg, self.state.plan,
+                                (self.state.gemm, self.state.gemm_reason)))
         self._set_iteration(trainer.iteration, starting=True)
 
     def on_iteration_start(self, trainer, iteration: int) -> None:
@@ -316,11 +334,8 @@ class NVFP4Callback(Callback):
     def _set_iteration(self, iteration: int, starting: bool = False) -> None:
         t = self.cfg.training
         was = self.state.active
-        self.state.iteration = iteration
-        self.state.active = fp4_active(self.state.recipe, iteration, t.train_iters)
+        self.state.start_iteration(iteration)
         self._gemms_at_start = sum(QUANT_STATS.values())
-        for linear in _nvfp4_linears(self.model_chunks):
-            linear.nvfp4_calls = 0
         dtype = "BF16" if t.bf16 else "FP32"
         switch = switch_iteration(t.train_iters, self.state.recipe.fp4_switch_to_bf16_at)
         if starting and not self.state.active:
@@ -332,42 +347,21 @@ class NVFP4Callback(Callback):
                  f"{t.train_iters} iterations)")
 
 
-def spec_hook(cfg: RunConfig):
-    """MODEL_SPEC_HOOKS entry: the hybrid spec with NVFP4 linears under --fp4 nvfp4."""
-    if not cfg.fp4.enabled:
-        return None
-    check_plan(cfg, linear_plan(cfg))
-    from megatron_rlp.models.spec import hybrid_stack_spec
+def _say(text: str) -> None:
+    if is_rank_zero():
+        print(text, flush=True)
 
-    return hybrid_stack_spec(column_linear=NVFP4ColumnParallelLinear,
-                             row_linear=NVFP4RowParallelLinear)
+
+def nvfp4_callbacks(cfg: RunConfig, model_chunks: list, tokenizer, train_source) -> list:
+    """The plan printer and per-iteration driver, when ``apply_nvfp4`` converted the model."""
+    state = nvfp4_state(model_chunks)
+    return [NVFP4Callback(cfg, state)] if state is not None else []
 
 
 def dry_run_report(cfg: RunConfig) -> Optional[str]:
-    """DRY_RUN_REPORTS entry: the per-block plan at the planned TP size, checked as a run would."""
+    """The per-block plan at the planned TP size, checked as a run would."""
     if not cfg.fp4.enabled:
         return None
-    plan = linear_plan(cfg)
-    check_plan(cfg, plan)
-    return (format_linear_plan(cfg, plan) + "\nNVFP4 GEMMs: chosen at start-up on the GPU "
-            f"(--fp4-gemm {cfg.fp4.fp4_gemm}: TransformerEngine on Blackwell with TE >= 2.14, "
-            "else emulated)")
-
-
-def callback_factory(cfg: RunConfig, model_chunks: list, tokenizer):
-    """CALLBACK_FACTORIES entry."""
-    return NVFP4Callback(cfg, model_chunks) if cfg.fp4.enabled else None
-
-
-def _register() -> None:
-    register_section("fp4", NVFP4Recipe)
-    from megatron_rlp import train  # the running module too (train.py aliases __main__)
-    if spec_hook not in train.MODEL_SPEC_HOOKS:
-        train.MODEL_SPEC_HOOKS.append(spec_hook)
-    if callback_factory not in train.CALLBACK_FACTORIES:
-        train.CALLBACK_FACTORIES.append(callback_factory)
-    if dry_run_report not in train.DRY_RUN_REPORTS:
-        train.DRY_RUN_REPORTS.append(dry_run_report)
-
-
-_register()
+    return (format_linear_plan(cfg, checked_linear_plan(cfg)) + "\nNVFP4 GEMMs: chosen at "
+            f"start-up on the GPU (--fp4-gemm {cfg.fp4.fp4_gemm}: TransformerEngine on Blackwell "
+            "with TE >= 2.14, else emulated)")

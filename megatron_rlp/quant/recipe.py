@@ -17,65 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-# Pattern symbol -> block kind (same letters as --hybrid-override-pattern).
-BLOCK_KINDS = {"M": "mamba", "*": "attention", "-": "mlp"}
+from megatron_rlp.config import LAYER_SYMBOLS, NVFP4Recipe, check_hybrid_pattern
+
 # Linear layers that become NVFP4 in an FP4 block, by kind (megatron-core submodule roles).
 FP4_LINEARS = {
     "mamba": ("in_proj", "out_proj"),
     "attention": ("linear_qkv", "linear_proj"),
     "mlp": ("linear_fc1", "linear_fc2"),
 }
-# --fp4-gemm: where the NVFP4 GEMMs run (te_gemm.resolve_gemm turns "auto" into one of the others).
-GEMM_CHOICES = ("auto", "emulated", "te")
 # Stochastic-rounding roles inside one NVFP4 linear (see nvfp4_linear.py).
 SR_ROLES = ("dgrad_grad", "wgrad_grad")
-
-
-def _arg(default, help: str, choices: Optional[tuple] = None):
-    # Same metadata as megatron_rlp.config.arg: the help becomes the flag help.
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclass
-class NVFP4Recipe:
-    """Flags of the NVFP4 training recipe (section ``fp4``)."""
-    fp4: Optional[str] = _arg(None, "Low-precision recipe for the linear layers of the "
-                                    "middle blocks: 'nvfp4' or unset (BF16).", ("nvfp4",))
-    fp4_bf16_first_layers: int = _arg(2, "Blocks kept in BF16 at the start of the network "
-                                         "(2 for the 12B config; scale down for tiny models).")
-    fp4_bf16_last_layers: int = _arg(8, "Blocks kept in BF16 at the end of the network "
-                                        "(8 for the 12B config; scale down for tiny models).")
-    fp4_switch_to_bf16_at: Optional[float] = _arg(
-        None, "Fraction of --train-iters after which every layer trains in BF16 (e.g. 0.82).")
-    use_rht: bool = _arg(True, "NVFP4: random Hadamard transform on the Wgrad operands "
-                               "(--no-use-rht for ablations).")
-    use_sr: bool = _arg(True, "NVFP4: stochastic rounding of gradients (--no-use-sr: RNE).")
-    use_2d_weights: bool = _arg(True, "NVFP4: 16x16 weight scaling (--no-use-2d-weights: 1x16 "
-                                      "on W and on W^T).")
-    fp4_gemm: str = _arg("auto", "NVFP4 GEMMs: 'te' (TransformerEngine FP4 tensor cores, "
-                                 "Blackwell), 'emulated' (fp32 matmul of dequantized operands) "
-                                 "or 'auto' (te where available).", GEMM_CHOICES)
-
-    def __post_init__(self):
-        if self.fp4 not in (None, "nvfp4"):
-            raise ValueError(f"--fp4={self.fp4!r}: unknown recipe; use 'nvfp4' or leave it unset")
-        for name in ("fp4_bf16_first_layers", "fp4_bf16_last_layers"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                raise ValueError(f"--{name.replace('_', '-')}={v!r}: must be an integer >= 0")
-        if self.fp4_gemm not in GEMM_CHOICES:
-            raise ValueError(f"--fp4-gemm={self.fp4_gemm!r}: use one of {', '.join(GEMM_CHOICES)}")
-        f = self.fp4_switch_to_bf16_at
-        if f is not None and not 0.0 <= f <= 1.0:
-            raise ValueError(f"--fp4-switch-to-bf16-at={f!r}: must be a fraction in [0, 1] of "
-                             "--train-iters; leave it unset to never switch")
-
-    @property
-    def enabled(self) -> bool:
-        return self.fp4 == "nvfp4"
 
 
 @dataclass(frozen=True)
@@ -92,22 +46,10 @@ class LayerPrecision:
         return FP4_LINEARS[self.kind] if self.precision == "nvfp4" else ()
 
 
-def _check_pattern(num_layers: int, pattern: str) -> None:
-    if num_layers <= 0:
-        raise ValueError(f"--num-layers={num_layers}: must be > 0")
-    if len(pattern) != num_layers:
-        raise ValueError(f"--hybrid-override-pattern={pattern!r}: has {len(pattern)} symbols but "
-                         f"--num-layers={num_layers}; give one symbol per layer")
-    bad = sorted(set(pattern) - set(BLOCK_KINDS))
-    if bad:
-        raise ValueError(f"--hybrid-override-pattern={pattern!r}: unknown symbols {bad}; use "
-                         f"{'/'.join(BLOCK_KINDS)} (Mamba, attention, MLP)")
-
-
 def precision_plan(num_layers: int, pattern: str, bf16_first_layers: int, bf16_last_layers: int,
                    fp4: Optional[str] = "nvfp4") -> list[LayerPrecision]:
     """Per-block precision, by index and kind. ``fp4=None`` gives an all-BF16 plan."""
-    _check_pattern(num_layers, pattern)
+    check_hybrid_pattern(num_layers, pattern)
     for name, v in (("fp4_bf16_first_layers", bf16_first_layers),
                     ("fp4_bf16_last_layers", bf16_last_layers)):
         if v < 0:
@@ -122,7 +64,7 @@ def precision_plan(num_layers: int, pattern: str, bf16_first_layers: int, bf16_l
             prec, why = "bf16", f"last {bf16_last_layers} blocks"
         else:
             prec, why = "nvfp4", "middle block"
-        plan.append(LayerPrecision(i, sym, BLOCK_KINDS[sym], prec, why))
+        plan.append(LayerPrecision(i, sym, LAYER_SYMBOLS[sym], prec, why))
     return plan
 
 

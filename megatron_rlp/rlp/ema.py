@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from megatron_rlp.inference.decode import unwrap_model
+from megatron_rlp.models.hybrid import unwrap_model
 
 # checkpoint.py detects a component by tensor keys starting with "ext_<component name>".
 PREFIX = "ext_ema_teacher."

@@ -41,9 +41,9 @@ def rpt_reward(prediction: bytes, truth_tokens: Sequence[bytes]) -> float:
 
 def token_bytes_table(tokenizer) -> List[bytes]:
     """The bytes each token id decodes to (byte-level BPE symbols mapped back to raw bytes)."""
-    from megatron_rlp.data.tokenizer import _bytes_to_unicode
+    from megatron_rlp.data.tokenizer import bytes_to_unicode
 
-    inverse = {ch: b for b, ch in _bytes_to_unicode().items()}
+    inverse = {ch: b for b, ch in bytes_to_unicode().items()}
     table = []
     for i in range(tokenizer.vocab_size):
         piece = tokenizer.id_to_token(i) or ""

@@ -2,7 +2,7 @@
 decoder, and lay out the rows the training forward reads.
 
 Per sample (text = tokens of the packed window plus its last label, S+1 tokens; a window holds
-several documents, each ended by <eod>, see megatron_rlp/data/packing.py):
+several documents, each ended by <eod>, see megatron_rlp/models/packing.py):
     t ~ Uniform{positions at least --rlp-min-prefix tokens into their document, whose target is not
                 <eod> and that lie outside any <think> ... </think> span of the text}  (RPT filter
                 optional)
@@ -27,7 +27,7 @@ from typing import List, Optional
 
 import torch
 
-from megatron_rlp.data.packing import document_ids, positions_in_document
+from megatron_rlp.models.packing import document_ids, positions_in_document
 from megatron_rlp.inference.generate import generate
 
 from .reward import token_logprobs, top_k_entropy

@@ -1,4 +1,4 @@
-"""The RLP training stage: `--stage rlp --load PRETRAINED` (registered in `train.STAGE_BUILDERS`).
+"""The RLP training stage: `--stage rlp --load PRETRAINED` (attached by megatron_rlp/extensions.py).
 
 Per optimizer step (one rollout batch, one update):
     micro_batches   for each micro-batch of contexts: rollout (cached decoding, no grad) and the
@@ -26,7 +26,6 @@ from megatron_rlp import device
 
 from megatron_rlp.training.trainer import Callback
 
-from . import config as _config  # noqa: F401  (registers the `rlp` section)
 from .ema import EMATeacher
 from .flops import ntp_equivalent_tokens
 from . import objective
@@ -238,12 +237,3 @@ class RLPCallback(Callback):
 
 def build_rlp_stage(cfg, model_chunks, tokenizer, train_source):
     return RLPStage(cfg, model_chunks, tokenizer, train_source)
-
-
-def _register() -> None:
-    from megatron_rlp import train
-
-    train.STAGE_BUILDERS["rlp"] = build_rlp_stage
-
-
-_register()

@@ -3,7 +3,7 @@
 Layout under `--save`:
     iter_0000100/       one dist_checkpointing directory: model, optimizer, scheduler, RNG,
                         training state (iteration, consumed samples, phase, ...) and the state of
-                        any registered extension (EMA teacher, NVFP4 switch, ...)
+                        the stage and callbacks (the RLP EMA teacher, ...)
     latest              the newest *complete* iteration, as text
 
 A save goes to `iter_0000100.tmp/`, gets a `manifest.json` (every file's size and SHA-256, see
@@ -36,6 +36,7 @@ from megatron.core.tensor_parallel import random as tp_random
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_rlp import device
+from megatron_rlp.models.hybrid import unwrap_model
 from megatron_rlp.training import manifest, optimizer_formats, safe_load, save_dir
 from megatron_rlp.training.dcp_errors import failure_chain
 from megatron_rlp.training.save_dir import LATEST_FILE, checkpoint_dir, fallback_hint
@@ -165,15 +166,10 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """Strip megatron's DDP wrapper (which has no sharded_state_dict of its own)."""
-    return chunk.module if hasattr(chunk, "ddp_config") else chunk
-
-
 def model_sharded_state_dict(model: List[torch.nn.Module]) -> dict:
     if len(model) == 1:
-        return {"model": _unwrap(model[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
+        return {"model": unwrap_model(model[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap_model(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
 
 
 def _optimizer_metadata() -> dict:
@@ -447,7 +443,7 @@ def load_checkpoint(load: str, model: List[torch.nn.Module], optimizer=None, sch
 
     for i, chunk in enumerate(model):
         key = "model" if len(model) == 1 else f"model{i}"
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"] if switch is None else
                                   switch.adapt_loaded(loaded["optimizer"], common["optimizer"]))

@@ -97,10 +97,6 @@ def data_parallel_size() -> int:
     return parallel_state.get_data_parallel_world_size()
 
 
-def is_rank_zero() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def destroy_distributed() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -112,10 +112,9 @@ def lock_save_dir(save: Optional[str]) -> Optional[RunLock]:
     """Global rank 0 takes `save`'s lock; every rank raises the same one-line error if it could
     not (so no rank is left waiting in a collective). Call after the process group is up."""
     from megatron_rlp import device
-    from megatron_rlp.training.distributed import is_rank_zero
 
     lock, problem = None, ""
-    if save and is_rank_zero():
+    if save and device.is_rank_zero():
         lock = RunLock(save)
         try:
             lock.acquire()

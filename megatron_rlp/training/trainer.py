@@ -26,6 +26,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_rlp import device
+from megatron_rlp.device import is_logging_rank
 from megatron_rlp.config import RunConfig
 from megatron_rlp.data.document_inputs import DocumentInputs
 from megatron_rlp.training import checkpoint as ckpt
@@ -46,13 +47,6 @@ class Callback:
 
     def checkpoint_components(self) -> dict:
         return {}
-
-
-def is_logging_rank() -> bool:
-    """The rank that holds the loss: last pipeline stage, first TP and DP rank."""
-    return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-            and parallel_state.get_tensor_model_parallel_rank() == 0
-            and parallel_state.get_data_parallel_rank() == 0)
 
 
 class PretrainStage:
