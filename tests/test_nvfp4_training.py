@@ -69,6 +69,8 @@ def test_startup_plan_lists_every_block_with_its_precision(tiny_flags, tmp_path)
         with torch.no_grad():
             assert (high(ids) - fp4_logits).abs().max() > 1e-4
         assert QUANT_STATS["fprop"] - before == 4
+        with pytest.raises(ValueError, match="precision='bf16': use one of auto, fp32"):
+            load_model(str(tmp_path / "run"), precision="bf16")
     finally:
         destroy_distributed()
 

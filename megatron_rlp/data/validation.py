@@ -30,7 +30,6 @@ from megatron_rlp.data.sources import DatasetSource, ValidationSource
 from megatron_rlp.device import is_rank_zero
 
 
-
 def validation_split(cfg, valid_path: list) -> tuple[list, list]:
     """(data_path of the blend, [(name, prefix, phases training on it)]) for this run."""
     declared = load_valid_sources(cfg.phases.data_phases) if cfg.phases.data_phases else []
