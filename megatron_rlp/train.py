@@ -105,13 +105,13 @@ def _assemble_run(cfg: RunConfig, tokenizer, lock) -> Run:
     from megatron_rlp.training.schedule import build_scheduler, schedule_plan
     from megatron_rlp.training.trainer import PretrainStage, Trainer
 
-    data_path, _ = resolve_data(cfg)
+    data_path, valid_path = resolve_data(cfg)
     model = wrap_model(cfg, build_model_chunks(cfg, tokenizer.vocab_size))
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(schedule_plan(cfg.to_flat_dict()), optimizer)
 
     train_source = _train_source(cfg, tokenizer, data_path)
-    valid = validation_source(cfg, tokenizer)
+    valid = validation_source(cfg, tokenizer, valid_path)
     valid_stage = PretrainStage(cfg, valid, tokenizer) if valid is not None else None
 
     if cfg.training.stage == "pretrain":

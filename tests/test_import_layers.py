@@ -192,3 +192,11 @@ def test_every_extension_names_a_config_section():
     assert {e.section for e in EXTENSIONS} <= set(SECTIONS)
     assert len({e.section for e in EXTENSIONS}) == len(EXTENSIONS)
     assert stage_builder("rlp").__module__ == "megatron_rlp.rlp.stage"
+    # --stage's choices (config cannot import the extensions) are the trainer's own and theirs.
+    import dataclasses
+
+    from megatron_rlp.config import TrainingConfig
+
+    stage = next(f for f in dataclasses.fields(TrainingConfig) if f.name == "stage")
+    assert set(stage.metadata["choices"]) == {"pretrain"} | {
+        name for e in EXTENSIONS for name in e.stages}

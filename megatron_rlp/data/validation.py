@@ -72,14 +72,14 @@ def describe(sources: list, eval_iters: int) -> str:
     return "\n".join(lines)
 
 
-def validation_source(cfg, tokenizer) -> Optional[ValidationSource]:
-    """The validation split of a run (see the module docstring), or None when the run has none
-    (--data-path without --valid-data-path). Called on every rank (megatron's dataset builder
-    indexes on rank 0 first)."""
+def validation_source(cfg, tokenizer, valid_path: Optional[list]) -> Optional[ValidationSource]:
+    """The validation split of a run (see the module docstring) from `valid_path`, the run's
+    validation data path (`run_data.resolve_data`), or None when it has none (--data-path
+    without --valid-data-path). Called on every rank (megatron's dataset builder indexes on
+    rank 0 first)."""
     from megatron_rlp.data.datasets import build_pretraining_dataset
-    from megatron_rlp.data.run_data import data_cache_dir, resolve_data, run_global_batch_size
+    from megatron_rlp.data.run_data import data_cache_dir, run_global_batch_size
 
-    valid_path = resolve_data(cfg)[1]
     if not valid_path:
         return None
     blend_path, sources = validation_split(cfg, valid_path)

@@ -97,7 +97,8 @@ def unwrap_model(model: torch.nn.Module) -> MambaModel:
     Float16Module (`.module`), load_model's CausalLM (`.model`)."""
     inner = model
     while not isinstance(inner, MambaModel):
-        inner = getattr(inner, "module", None) or getattr(inner, "model", None)
+        wrapped = getattr(inner, "module", None)
+        inner = wrapped if wrapped is not None else getattr(inner, "model", None)
         if inner is None:
             raise TypeError(f"{type(model).__name__} does not wrap a megatron MambaModel")
     return inner

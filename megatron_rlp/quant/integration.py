@@ -161,23 +161,22 @@ class RecipeState:
 
     def __init__(self, recipe: NVFP4Recipe, plan: Dict[Tuple[int, str], LinearPlan], seed: int,
                  train_iters: int, dp_rank: int = 0, dp_size: int = 1,
-                 gemm: Tuple[str, str] = ("emulated", "")):
+                 gemm: Tuple[str, str] = ("emulated", ""), iteration: int = 0):
         self.recipe = recipe
         self.plan = plan
         self.seed = seed
         self.train_iters = train_iters
         self.gemm, self.gemm_reason = gemm   # "emulated" | "te", and why (resolved once per run)
-        self.active = False      # NVFP4 on for the running iteration
-        self.iteration = 0       # completed iterations (0-based index of the running one)
         # Micro-batch j of DP rank r is global micro-batch j * dp_size + r (the trainer's sample
         # layout), so DP ranks draw independent SR noise and DP=2 draws what DP=1 would.
         self.dp_rank, self.dp_size = dp_rank, dp_size
         # Forward calls of each linear in the running iteration: its micro-batch index.
         self._calls: collections.Counter = collections.Counter()
-        self.start_iteration(0)
+        self.start_iteration(iteration)
 
     def start_iteration(self, iteration: int) -> None:
-        """NVFP4 on or off for `iteration` (the BF16 switch is a pure function of it)."""
+        """NVFP4 on or off for `iteration`, the 0-based index of the running one (the BF16
+        switch is a pure function of it)."""
         self.iteration = iteration
         self.active = fp4_active(self.recipe, iteration, self.train_iters)
         self._calls.clear()
@@ -269,8 +268,8 @@ def apply_nvfp4(model_chunks: list, cfg: RunConfig, iteration: int = 0) -> Optio
                         parallel_state.get_data_parallel_rank(),
                         parallel_state.get_data_parallel_world_size(),
                         gemm=resolve_gemm(cfg.fp4.fp4_gemm,
-                                          fp4_gemm_support(cfg.training.bf16, cfg.fp4.use_rht)))
-    state.start_iteration(iteration)
+                                          fp4_gemm_support(cfg.training.bf16, cfg.fp4.use_rht)),
+                        iteration=iteration)
     pattern = cfg.model.hybrid_override_pattern
     for chunk in model_chunks:
         model = unwrap_model(chunk)
